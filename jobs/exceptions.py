@@ -1,0 +1,85 @@
+"""Skiplock's domain errors. Each maps to one HTTP status in the API's exception handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SkiplockError(Exception):
+    """Something went wrong in Skiplock."""
+
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str | None = None, *, details: Any = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+        self.message = message or (self.__doc__ or "").strip()
+        self.details = details
+
+
+class TaskNotFound(SkiplockError):
+    """No task has this name."""
+
+    code = "task_not_found"
+    status = 404
+
+
+class InvalidArguments(SkiplockError):
+    """The task's arguments are invalid."""
+
+    code = "invalid_arguments"
+    status = 422
+
+
+class JobNotFound(SkiplockError):
+    """No job has this id."""
+
+    code = "job_not_found"
+    status = 404
+
+
+class InvalidTransition(SkiplockError):
+    """The job is not in a state that allows this action."""
+
+    code = "invalid_transition"
+    status = 409
+
+    def __init__(self, *, job_id: int, action: str, state: str) -> None:
+        super().__init__(
+            f"cannot {action} job {job_id}: it is {state}",
+            details={"job_id": job_id, "action": action, "state": state},
+        )
+        self.state = state
+
+
+class IdempotencyConflict(SkiplockError):
+    """This idempotency key was already used with other arguments."""
+
+    code = "idempotency_conflict"
+    status = 409
+
+
+class AlreadyQueued(SkiplockError):
+    """A job with this queueing lock is already waiting."""
+
+    code = "already_queued"
+    status = 409
+
+
+class ResultNotSerializable(SkiplockError):
+    """The task returned a value that cannot be stored as JSON."""
+
+    code = "result_not_serializable"
+    status = 500
+
+
+class TimeLimitExceeded(Exception):
+    """The job ran past a time limit."""
+
+
+class SoftTimeLimitExceeded(TimeLimitExceeded):
+    """The job ran past its soft time limit; it may catch this to clean up."""
+
+
+class HardTimeLimitExceeded(TimeLimitExceeded):
+    """The job ran past its hard time limit and was killed."""

@@ -1,0 +1,335 @@
+"""The task authoring API: `@task` wraps procrastinate's `app.task` and registers a TaskSpec.
+
+    from jobs.registry import task, RetryPolicy, JobContext
+
+    @task(queue="reports", retry=RetryPolicy(max_retries=5), soft_time_limit=600)
+    def build_report(ctx: JobContext, *, account_id: int, month: str) -> dict:
+        ctx.report_progress(10, "loading")
+        ...
+
+Arguments are keyword-only JSON values described by the function's type hints: one pydantic
+model per task validates every start (API, command, Python) and publishes the JSON schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import pydantic
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import retry as procrastinate_retry
+from procrastinate.contrib.django import app
+from procrastinate.jobs import Job
+
+from jobs.exceptions import InvalidArguments, ResultNotSerializable, TaskNotFound
+
+DEFAULT_SOFT_TIME_LIMIT = 3600.0
+DEFAULT_HARD_TIME_LIMIT = 7200.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
+    """Capped exponential backoff with jitter: 60 s → 120 s → 240 s, at most 600 s, 3 retries."""
+
+    max_retries: int = 3
+    backoff: float = 60.0
+    factor: float = 2.0
+    max_backoff: float = 600.0
+    jitter: float = 0.1  # ± this fraction of each delay, so retries of many jobs spread out
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    dont_retry_on: tuple[type[BaseException], ...] = ()
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+    def delay(self, retry_number: int) -> float:
+        """Seconds before retry number `retry_number` (1-based), jitter included."""
+        base = min(self.backoff * self.factor ** (retry_number - 1), self.max_backoff)
+        spread = base * self.jitter
+        return max(0.0, min(base + random.uniform(-spread, spread), self.max_backoff))
+
+    def should_retry(self, exception: BaseException, attempts_done: int) -> bool:
+        if attempts_done >= self.max_attempts:
+            return False
+        if isinstance(exception, _NEVER_RETRY) or isinstance(exception, self.dont_retry_on):
+            return False
+        return isinstance(exception, self.retry_on)
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: Job
+    ) -> procrastinate_retry.RetryDecision | None:
+        attempts_done = job.attempts + 1  # procrastinate counts finished attempts; this one is ending
+        if not self.should_retry(exception, attempts_done):
+            return None
+        return procrastinate_retry.RetryDecision(retry_in={"seconds": self.delay(attempts_done)})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff_seconds": self.backoff,
+            "factor": self.factor,
+            "max_backoff_seconds": self.max_backoff,
+            "jitter": self.jitter,
+            "retry_on": [exc.__name__ for exc in self.retry_on],
+            "dont_retry_on": [exc.__name__ for exc in self.dont_retry_on],
+        }
+
+
+NO_RETRY = RetryPolicy(max_retries=0)
+
+# Failures that another attempt cannot fix.
+_NEVER_RETRY: tuple[type[BaseException], ...] = (
+    procrastinate_exceptions.JobAborted,
+    InvalidArguments,
+    ResultNotSerializable,
+)
+
+
+@dataclass
+class TaskSpec:
+    """Everything Skiplock knows about a task: its function, schema and policies."""
+
+    name: str
+    func: Callable[..., Any]
+    args_model: type[pydantic.BaseModel]
+    queue: str
+    priority: int
+    retry: RetryPolicy
+    soft_time_limit: float
+    hard_time_limit: float
+    lock: str | None
+    queueing_lock: str | None
+    takes_context: bool
+    description: str
+    procrastinate_task: Any = field(repr=False, default=None)
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def validate(self, args: dict[str, Any] | None) -> dict[str, Any]:
+        """Validated arguments as JSON values; InvalidArguments names each bad field."""
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise InvalidArguments(
+                f"arguments of task '{self.name}' must be a JSON object",
+                details=[{"field": "args", "message": "expected an object", "type": "type_error"}],
+            )
+        try:
+            model = self.args_model.model_validate(args)
+        except pydantic.ValidationError as exc:
+            raise InvalidArguments(
+                f"invalid arguments for task '{self.name}': "
+                + "; ".join(_describe_error(err) for err in exc.errors())
+                + f"; expected: {self.signature()}",
+                details=[
+                    {
+                        "field": ".".join(str(p) for p in err["loc"]) or "args",
+                        "message": err["msg"],
+                        "type": err["type"],
+                    }
+                    for err in exc.errors()
+                ],
+            ) from None
+        return model.model_dump(mode="json")
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.args_model.model_json_schema()
+
+    def signature(self) -> str:
+        parts = []
+        for name, info in self.args_model.model_fields.items():
+            hint = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            parts.append(f"{name} ({hint})" if info.is_required() else f"{name} ({hint}, optional)")
+        return ", ".join(parts) or "no arguments"
+
+    def lock_for(self, args: dict[str, Any]) -> str | None:
+        return self.lock.format(**args) if self.lock else None
+
+    def queueing_lock_for(self, args: dict[str, Any]) -> str | None:
+        return self.queueing_lock.format(**args) if self.queueing_lock else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "queue": self.queue,
+            "priority": self.priority,
+            "retry": self.retry.describe(),
+            "soft_time_limit_seconds": self.soft_time_limit,
+            "hard_time_limit_seconds": self.hard_time_limit,
+            "lock": self.lock,
+            "queueing_lock": self.queueing_lock,
+            "args_schema": self.json_schema(),
+        }
+
+    # Python callers: `my_task.defer(x=1)` validates, then joins the caller's transaction.
+    def defer(self, **args: Any) -> int:
+        from jobs import services
+
+        return services.job_defer(task_name=self.name, args=args).job_id
+
+    async def adefer(self, **args: Any) -> int:
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(self.defer)(**args)
+
+    def configure(self, **options: Any) -> _Configured:
+        return _Configured(self, options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function directly (no queue), as a plain function call."""
+        return self.func(*args, **kwargs)
+
+
+@dataclass
+class _Configured:
+    spec: TaskSpec
+    options: dict[str, Any]
+
+    def defer(self, **args: Any) -> int:
+        from jobs import services
+
+        return services.job_defer(task_name=self.spec.name, args=args, **self.options).job_id
+
+
+def _describe_error(err: Any) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "args"
+    if err["type"] == "extra_forbidden":
+        return f"no argument '{where}'"
+    if err["type"] == "missing":
+        return f"'{where}' is required"
+    return f"'{where}': {err['msg']}"
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def task(
+    func: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    retry: RetryPolicy | None = None,
+    soft_time_limit: float = DEFAULT_SOFT_TIME_LIMIT,
+    hard_time_limit: float = DEFAULT_HARD_TIME_LIMIT,
+    lock: str | None = None,
+    queueing_lock: str | None = None,
+) -> Any:
+    """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments."""
+
+    def decorate(fn: Callable[..., Any]) -> TaskSpec:
+        if soft_time_limit <= 0 or hard_time_limit <= 0:
+            raise ValueError("time limits must be positive")
+        if soft_time_limit > hard_time_limit:
+            raise ValueError("soft_time_limit must not exceed hard_time_limit")
+        task_name = name or fn.__name__
+        if task_name in _REGISTRY and _REGISTRY[task_name].func.__qualname__ != fn.__qualname__:
+            raise ValueError(f"two tasks are named '{task_name}'")
+        takes_context, args_model = _arguments_model(fn, task_name)
+        policy = retry if retry is not None else RetryPolicy()
+        spec = TaskSpec(
+            name=task_name, func=fn, args_model=args_model, queue=queue, priority=priority,
+            retry=policy, soft_time_limit=float(soft_time_limit), hard_time_limit=float(hard_time_limit),
+            lock=lock, queueing_lock=queueing_lock, takes_context=takes_context,
+            description=inspect.getdoc(fn) or "",
+        )
+        spec.procrastinate_task = app.task(
+            name=task_name, queue=queue, priority=priority, retry=policy, pass_context=False,
+        )(_runner(spec))
+        _REGISTRY[task_name] = spec
+        return spec
+
+    return decorate(func) if func is not None else decorate
+
+
+def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type[pydantic.BaseModel]]:
+    from jobs.context import JobContext
+
+    hints = get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    takes_context = bool(params) and (
+        hints.get(params[0].name) is JobContext or params[0].name in ("ctx", "context")
+    )
+    if takes_context:
+        params = params[1:]
+    fields: dict[str, Any] = {}
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"task '{task_name}': *args/**kwargs are not allowed; name each argument")
+        if param.name not in hints:
+            raise TypeError(f"task '{task_name}': argument '{param.name}' needs a type hint")
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (hints[param.name], default)
+    model = pydantic.create_model(  # type: ignore[call-overload]
+        f"{_camel(task_name)}Args",
+        __config__=pydantic.ConfigDict(extra="forbid"),
+        **fields,
+    )
+    return takes_context, model
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace(".", "_").split("_"))
+
+
+def _runner(spec: TaskSpec) -> Callable[..., Any]:
+    """What procrastinate runs: validate the stored JSON arguments, then call the function."""
+    from jobs.context import current_job
+
+    def arguments(kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        model = spec.args_model.model_validate(kwargs)
+        values = {name: getattr(model, name) for name in spec.args_model.model_fields}
+        return ([current_job()] if spec.takes_context else []), values
+
+    if spec.is_async:
+
+        @functools.wraps(spec.func)
+        async def run_async(**kwargs: Any) -> Any:
+            positional, values = arguments(kwargs)
+            return await spec.func(*positional, **values)
+
+        return run_async
+
+    @functools.wraps(spec.func)
+    def run_sync(**kwargs: Any) -> Any:
+        positional, values = arguments(kwargs)
+        return spec.func(*positional, **values)
+
+    return run_sync
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise TaskNotFound(f"unknown task '{name}'; known tasks: {known}") from None
+
+
+def all_tasks() -> list[TaskSpec]:
+    return sorted(_REGISTRY.values(), key=lambda spec: spec.name)
+
+
+def find_task(name: str) -> TaskSpec | None:
+    return _REGISTRY.get(name)
+
+
+__all__ = ["NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_task", "task"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JobContext":
+        from jobs.context import JobContext
+
+        return JobContext
+    raise AttributeError(name)
+

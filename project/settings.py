@@ -1,0 +1,185 @@
+"""Skiplock settings: one module, everything from the environment (12-factor)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+from project.env import env_bool, env_float, env_int, env_list, env_secret, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR = BASE_DIR / ".skiplock"
+
+DEBUG = env_bool("DEBUG", False)
+
+
+def _secret_key() -> str:
+    key = env_secret("SECRET_KEY")
+    if key:
+        return key
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set and DEBUG is off; set SECRET_KEY (or SECRET_KEY_FILE), "
+            "or DEBUG=true for local development"
+        )
+    # Local development: a random key kept in the git-ignored state folder, so logins survive restarts.
+    path = STATE_DIR / "secret-key"
+    if not path.exists():
+        STATE_DIR.mkdir(exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+
+def _database_from_url(url: str) -> dict[str, object]:
+    """Parse postgresql://user:pass@host:port/name?host=/socket/dir&sslmode=... into DATABASES."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ImproperlyConfigured(f"DATABASE_URL must be a postgresql:// URL, not {parts.scheme!r}://")
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    name = unquote(parts.path.lstrip("/"))
+    if not name:
+        raise ImproperlyConfigured("DATABASE_URL names no database (postgresql://…/<name>)")
+    host = query.pop("host", None) or parts.hostname or ""
+    port = query.pop("port", None) or (str(parts.port) if parts.port else "")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": name,
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": host,
+        "PORT": port,
+        "OPTIONS": query,
+        "CONN_MAX_AGE": env_int("CONN_MAX_AGE", 60, minimum=0),
+        "CONN_HEALTH_CHECKS": True,
+        "TEST": {"NAME": env_str("TEST_DATABASE_NAME", None)},
+    }
+
+
+# DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
+EMBEDDED_DATABASE = not env_str("DATABASE_URL")
+if EMBEDDED_DATABASE:
+    from project.embedded_postgres import EmbeddedPostgres
+
+    _instance = env_str("SKIPLOCK_PG_INSTANCE", "dev") or "dev"
+    DATABASE_URL = EmbeddedPostgres(_instance).url()
+else:
+    DATABASE_URL = env_str("DATABASE_URL") or ""
+DATABASES = {"default": _database_from_url(DATABASE_URL)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "procrastinate.contrib.django",
+    "jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# Serve static files straight from the apps (no collectstatic step needed to run).
+WHITENOISE_USE_FINDERS = True
+LOGIN_URL = "/admin/login/"
+
+# Security: secure by default outside DEBUG (check --deploy is clean).
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 3600, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = not DEBUG
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "procrastinate": {"level": env_str("PROCRASTINATE_LOG_LEVEL", "WARNING")},
+        "django.db.backends": {"level": "INFO"},
+    },
+}
+
+# --- procrastinate ------------------------------------------------------------------------------
+PROCRASTINATE_AUTODISCOVER_MODULE_NAME = "tasks"
+# Every worker of this app, `manage.py procrastinate worker` included, records through Skiplock.
+PROCRASTINATE_ON_APP_READY = "jobs.recording.install"
+
+# --- Skiplock -----------------------------------------------------------------------------------
+SKIPLOCK_RESULT_RETENTION = env_int("SKIPLOCK_RESULT_RETENTION", 7 * 24 * 3600, minimum=60)
+SKIPLOCK_PROGRESS_INTERVAL = env_float("SKIPLOCK_PROGRESS_INTERVAL", 0.1, minimum=0.0)
+SKIPLOCK_SHUTDOWN_GRACE = env_float("SKIPLOCK_SHUTDOWN_GRACE", 30.0, minimum=0.0)
+SKIPLOCK_STALLED_AFTER = env_int("SKIPLOCK_STALLED_AFTER", 300, minimum=1)
+SKIPLOCK_HEARTBEAT_INTERVAL = env_float("SKIPLOCK_HEARTBEAT_INTERVAL", 10.0, minimum=0.1)
+SKIPLOCK_RUN_WORKER_IN_WEB = env_bool("SKIPLOCK_RUN_WORKER_IN_WEB", False)
+SKIPLOCK_WORKER_CONCURRENCY = env_int("SKIPLOCK_WORKER_CONCURRENCY", 4, minimum=1)
+SKIPLOCK_MAX_BODY_BYTES = env_int("SKIPLOCK_MAX_BODY_BYTES", 1_000_000, minimum=1024)
+SKIPLOCK_ALERT_QUEUE_DEPTH = env_int("SKIPLOCK_ALERT_QUEUE_DEPTH", 1000, minimum=1)
+SKIPLOCK_OPEN_HEALTH = env_bool("SKIPLOCK_OPEN_HEALTH", True)
+SKIPLOCK_OPEN_METRICS = env_bool("SKIPLOCK_OPEN_METRICS", True)
+SKIPLOCK_DOCUMENTS_DIR = env_str("SKIPLOCK_DOCUMENTS_DIR", str(BASE_DIR / "samples"))
+DATA_UPLOAD_MAX_MEMORY_SIZE = SKIPLOCK_MAX_BODY_BYTES
