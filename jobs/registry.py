@@ -13,6 +13,7 @@ model per task validates every start (API, command, Python) and publishes the JS
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import inspect
 import random
@@ -57,7 +58,7 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
     def should_retry(self, exception: BaseException, attempts_done: int) -> bool:
         if attempts_done >= self.max_attempts:
             return False
-        if isinstance(exception, _NEVER_RETRY) or isinstance(exception, self.dont_retry_on):
+        if isinstance(exception, _NEVER_RETRY + self.dont_retry_on):
             return False
         return isinstance(exception, self.retry_on)
 
@@ -67,7 +68,8 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
         attempts_done = job.attempts + 1  # procrastinate counts finished attempts; this one is ending
         if not self.should_retry(exception, attempts_done):
             return None
-        return procrastinate_retry.RetryDecision(retry_in={"seconds": self.delay(attempts_done)})
+        retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.delay(attempts_done))
+        return procrastinate_retry.RetryDecision(retry_at=retry_at)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -252,8 +254,6 @@ def task(
 
 
 def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type[pydantic.BaseModel]]:
-    from jobs.context import JobContext
-
     hints = get_type_hints(fn)
     params = list(inspect.signature(fn).parameters.values())
     takes_context = bool(params) and (
@@ -269,7 +269,7 @@ def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type
             raise TypeError(f"task '{task_name}': argument '{param.name}' needs a type hint")
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[param.name] = (hints[param.name], default)
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model = pydantic.create_model(
         f"{_camel(task_name)}Args",
         __config__=pydantic.ConfigDict(extra="forbid"),
         **fields,
@@ -323,13 +323,7 @@ def find_task(name: str) -> TaskSpec | None:
     return _REGISTRY.get(name)
 
 
+from jobs.context import JobContext  # noqa: E402  (the one import for task authors)
+
 __all__ = ["NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_task", "task"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "JobContext":
-        from jobs.context import JobContext
-
-        return JobContext
-    raise AttributeError(name)
 

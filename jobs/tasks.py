@@ -115,7 +115,7 @@ def index_document(
 
 
 def _read_document(path: str) -> str:
-    root = Path(settings.SKIPLOCK_DOCUMENTS_DIR).resolve()
+    root = Path(str(settings.SKIPLOCK_DOCUMENTS_DIR)).resolve()
     target = (root / path).resolve()
     if not target.is_relative_to(root):
         raise ValueError(f"path must stay inside {root}")

@@ -44,13 +44,20 @@ def _shared_root() -> Path:
     return Path("/var/tmp/skiplock") / _project_hash()
 
 
+def port_variable(instance: str) -> str:
+    """The variable that sets an instance's port: SKIPLOCK_PG_PORT (dev), SKIPLOCK_PG_TEST_PORT, …"""
+    return "SKIPLOCK_PG_PORT" if instance == "dev" else f"SKIPLOCK_PG_{instance.upper()}_PORT"
+
+
 def _port_for(instance: str) -> int:
-    env = "SKIPLOCK_PG_PORT" if instance == "dev" else f"SKIPLOCK_PG_{instance.upper()}_PORT"
-    raw = os.environ.get(env)
+    if not instance.isidentifier():
+        raise EmbeddedPostgresError(f"instance name {instance!r} must be letters, digits and _")
+    raw = os.environ.get(port_variable(instance))
     if raw is None:
-        return DEFAULT_PORTS.get(instance, 54330)
+        # Named instances (e.g. test_api for a parallel test run) get a stable port of their own.
+        return DEFAULT_PORTS.get(instance, 54400 + int(hashlib.sha256(instance.encode()).hexdigest(), 16) % 500)
     if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise EmbeddedPostgresError(f"{env}={raw!r} is not a TCP port (1-65535)")
+        raise EmbeddedPostgresError(f"{port_variable(instance)}={raw!r} is not a TCP port (1-65535)")
     return int(raw)
 
 
@@ -141,7 +148,7 @@ class EmbeddedPostgres:
         if not port_is_free(self.port):
             raise EmbeddedPostgresError(
                 f"port {self.port} on 127.0.0.1 is in use by another program; "
-                f"set {'SKIPLOCK_PG_PORT' if self.instance == 'dev' else 'SKIPLOCK_PG_' + self.instance.upper() + '_PORT'} to another port"
+                f"set {port_variable(self.instance)} to another port"
             )
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.socket_dir)
@@ -242,16 +249,15 @@ class EmbeddedPostgres:
         return self._run([str(self.bin("pg_ctl")), "-D", str(self.data_dir), *args], check=check)
 
     def _run(self, cmd: list[str], *, check: bool) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if _is_root():
-            user = pwd.getpwnam(SERVER_USER)
-            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": "/"}
-        result = subprocess.run(  # type: ignore[call-overload]
-            cmd, capture_output=True, text=True, env=_server_env(), **kwargs
+        user = pwd.getpwnam(SERVER_USER) if _is_root() else None
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, env=_server_env(),
+            user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+            extra_groups=[] if user else None, cwd="/" if user else None,
         )
         if check and result.returncode != 0:
             raise EmbeddedPostgresError(f"{Path(cmd[0]).name} failed: {result.stderr.strip()}")
-        return result  # type: ignore[no-any-return]
+        return result
 
     def _chown(self, path: Path) -> None:
         if not _is_root():
@@ -298,7 +304,7 @@ def _ensure_server_user() -> None:
 
 
 def _make_world_readable(path: Path) -> None:
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chmod(root, 0o755)
         for name in files:
             full = os.path.join(root, name)

@@ -10,7 +10,8 @@ from django.conf import settings
 
 from project.embedded_postgres import EmbeddedPostgres
 
-if settings.EMBEDDED_DATABASE and os.environ.get("SKIPLOCK_PG_INSTANCE") != "test":
+INSTANCE = os.environ.get("SKIPLOCK_PG_INSTANCE", "")
+if settings.EMBEDDED_DATABASE and not INSTANCE.startswith("test"):
     pytest.exit(
         "tests use their own PostgreSQL cluster: run `make test`, or set SKIPLOCK_PG_INSTANCE=test "
         "(or DATABASE_URL) before pytest",
@@ -24,7 +25,7 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
     if not settings.EMBEDDED_DATABASE:
         yield None
         return
-    cluster = EmbeddedPostgres("test")
+    cluster = EmbeddedPostgres(INSTANCE)
     started = cluster.start()
     yield cluster
     if started and os.environ.get("SKIPLOCK_KEEP_TEST_DB") != "1":
@@ -32,6 +33,6 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(embedded_postgres: EmbeddedPostgres | None, django_db_setup: None) -> None:  # type: ignore[override]
+def django_db_setup(embedded_postgres: EmbeddedPostgres | None, django_db_setup: None) -> None:
     """pytest-django's test database, created on the running test cluster."""
     return None

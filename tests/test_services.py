@@ -30,6 +30,7 @@ def test_a_job_deferred_in_a_committed_transaction_runs() -> None:
     run_jobs()
     record = JobRecord.objects.get(pk=job.job_id)
     assert record.state == "succeeded"
+    assert isinstance(record.result, dict)
     assert record.result["points"] == 10
 
 

@@ -1,0 +1,171 @@
+"""manage.py up: the whole service in the foreground — database, migrations, web and a worker.
+
+Ctrl-C or SIGTERM stops the web server, the worker and the embedded database it started, and
+leaves no process behind (children also get SIGTERM from the kernel if this process dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from project.embedded_postgres import (
+    STATE_DIR,
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    port_is_free,
+)
+
+COLOURS = {"web": "\033[36m", "worker": "\033[35m", "up": "\033[32m"}
+RESET = "\033[0m"
+PR_SET_PDEATHSIG = 1
+
+
+class Command(BaseCommand):
+    help = "Start Skiplock: embedded PostgreSQL (unless DATABASE_URL), migrations, web server and worker."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--no-worker", action="store_true", help="run the web server only")
+        parser.add_argument("--concurrency", type=int, default=settings.SKIPLOCK_WORKER_CONCURRENCY)
+
+    def handle(self, *args: Any, no_worker: bool, concurrency: int, **options: Any) -> None:
+        self.colour = sys.stdout.isatty()
+        _die_with_parent()  # if `make` is killed, stop cleanly too
+        lock = self._single_instance_lock()
+        host = os.environ.get("HOST", "127.0.0.1")
+        port = int(os.environ.get("PORT", "8000"))
+        if not port_is_free(port, host):
+            raise CommandError(
+                f"port {port} on {host} is in use (another Skiplock, or another program); "
+                "stop it or run with PORT=<another port>"
+            )
+        cluster = EmbeddedPostgres(os.environ.get("SKIPLOCK_PG_INSTANCE", "dev")) if settings.EMBEDDED_DATABASE else None
+        started_db = False
+        children: dict[str, subprocess.Popen[bytes]] = {}
+        stopping = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            if cluster is not None:
+                self.say("up", f"starting the embedded PostgreSQL (port {cluster.port}, data in .skiplock/{cluster.instance}/)")
+                started_db = cluster.start()
+            self.say("up", "applying migrations")
+            call_command("migrate", interactive=False, verbosity=0)
+            self._ensure_admin()
+            children["web"] = self._spawn(
+                "web", [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"]
+            )
+            if not no_worker:
+                children["worker"] = self._spawn(
+                    "worker", [sys.executable, "manage.py", "worker", "--concurrency", str(concurrency)]
+                )
+            base = f"http://{host}:{port}"
+            self.say("up", f"Skiplock is up: admin {base}/admin/  ·  API docs {base}/api/docs  ·  health {base}/health/ready")
+            self.say("up", "press Ctrl-C to stop")
+            while not stopping.is_set():
+                for name, child in children.items():
+                    if child.poll() is not None:
+                        self.say("up", f"{name} exited with code {child.returncode}; stopping")
+                        stopping.set()
+                stopping.wait(0.5)
+        except EmbeddedPostgresError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            self._stop(children)
+            if cluster is not None and started_db:
+                cluster.stop()
+                self.say("up", "embedded PostgreSQL stopped")
+            lock.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _single_instance_lock(self) -> IO[str]:
+        STATE_DIR.mkdir(exist_ok=True)
+        handle = (STATE_DIR / "up.lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            raise CommandError(
+                f"Skiplock is already running from this checkout (pid {pid}); its database and port are in use. "
+                "Stop it with Ctrl-C first."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _ensure_admin(self) -> None:
+        user_model = get_user_model()
+        password_file = STATE_DIR / "admin-password"
+        if user_model.objects.filter(is_superuser=True).exists():
+            hint = f" (password in {password_file})" if password_file.exists() else ""
+            self.say("up", f"log in to the admin as an existing superuser{hint}")
+            return
+        password = secrets.token_urlsafe(12)
+        user_model.objects.create_superuser("admin", "admin@localhost", password)
+        password_file.write_text(password + "\n")
+        password_file.chmod(0o600)
+        self.say("up", f"created the admin account — user: admin  password: {password}  (also in {password_file})")
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent, cwd=str(Path(settings.BASE_DIR)),
+        )
+        threading.Thread(target=self._relay, args=(name, child), daemon=True).start()
+        return child
+
+    def _relay(self, name: str, child: subprocess.Popen[bytes]) -> None:
+        assert child.stdout is not None
+        for raw in iter(child.stdout.readline, b""):
+            self.say(name, raw.decode(errors="replace").rstrip())
+
+    def _stop(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
+        running = {n: c for n, c in children.items() if c.poll() is None}
+        if not running:
+            return
+        self.say("up", "stopping " + ", ".join(running))
+        for child in running.values():
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.SKIPLOCK_SHUTDOWN_GRACE + 15
+        for name, child in running.items():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say("up", f"{name} did not stop in time; killing it")
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+    def say(self, name: str, line: str) -> None:
+        prefix = f"{name:<6} |"
+        if self.colour:
+            prefix = f"{COLOURS.get(name, '')}{prefix}{RESET}"
+        sys.stdout.write(f"{prefix} {line}\n")
+        sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM when `up` dies, even by kill -9 (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
