@@ -183,3 +183,13 @@ SKIPLOCK_OPEN_HEALTH = env_bool("SKIPLOCK_OPEN_HEALTH", True)
 SKIPLOCK_OPEN_METRICS = env_bool("SKIPLOCK_OPEN_METRICS", True)
 SKIPLOCK_DOCUMENTS_DIR = env_str("SKIPLOCK_DOCUMENTS_DIR", str(BASE_DIR / "samples"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = SKIPLOCK_MAX_BODY_BYTES
+
+# --- Workers and reliability (jobs/worker.py, supervisor.py, maintenance.py, periodic.py) --------
+SKIPLOCK_WORKER_PROCESSES = env_int("SKIPLOCK_WORKER_PROCESSES", 1, minimum=1)
+SKIPLOCK_MAINTENANCE_CRON = env_str("SKIPLOCK_MAINTENANCE_CRON", "* * * * *") or "* * * * *"
+SKIPLOCK_PRUNE_BATCH = env_int("SKIPLOCK_PRUNE_BATCH", 1000, minimum=1)
+SKIPLOCK_PRUNE_TIME_BUDGET = env_float("SKIPLOCK_PRUNE_TIME_BUDGET", 30.0, minimum=0.0)
+SKIPLOCK_PERIODIC_MAX_DELAY = env_float("SKIPLOCK_PERIODIC_MAX_DELAY", 600.0, minimum=0.0)
+SKIPLOCK_FETCH_POLL_INTERVAL = env_float("SKIPLOCK_FETCH_POLL_INTERVAL", 5.0, minimum=0.05)
+# Extra modules of tasks every worker imports (e.g. "myapp.jobs"), beside each app's tasks.py.
+SKIPLOCK_IMPORT_PATHS = env_list("SKIPLOCK_IMPORT_PATHS", [])
