@@ -87,7 +87,8 @@ class EmbeddedPostgres:
 
     @property
     def data_dir(self) -> Path:
-        return self.home / "data"
+        # Resolved: the server user may not traverse the checkout (a clone under /root is 0700).
+        return self.home.resolve() / "data"
 
     @property
     def socket_dir(self) -> Path:
@@ -98,7 +99,7 @@ class EmbeddedPostgres:
 
     @property
     def log_file(self) -> Path:
-        return self.home / "postgres.log"
+        return self.home.resolve() / "postgres.log"
 
     def url(self, database: str = "skiplock") -> str:
         return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
@@ -128,7 +129,7 @@ class EmbeddedPostgres:
     # -- lifecycle -----------------------------------------------------------------------------
     def is_running(self) -> bool:
         pid = self.pid()
-        return pid is not None and _is_live_postgres(pid)
+        return pid is not None and _is_live_postgres(pid, self.data_dir)
 
     def pid(self) -> int | None:
         pidfile = self.data_dir / "postmaster.pid"
@@ -178,7 +179,11 @@ class EmbeddedPostgres:
         """Stop the cluster; return False if it was not running."""
         if not self.is_running():
             return False
-        self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60", check=False)
+        result = self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60", check=False)
+        if result.returncode != 0 and self.is_running():
+            raise EmbeddedPostgresError(
+                f"PostgreSQL ({self.instance}) did not stop: {result.stderr.strip() or result.stdout.strip()}"
+            )
         return True
 
     def restart(self) -> None:
@@ -192,7 +197,7 @@ class EmbeddedPostgres:
             os.kill(pid, 9)
 
     def psql_command(self, database: str = "skiplock") -> list[str]:
-        return [str(self.bin("psql")), "-h", str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER, database]
+        return [str(self.bin("psql")), "-h", str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER, "-d", database]
 
     # -- internals -----------------------------------------------------------------------------
     def _prepare_home(self) -> None:
@@ -231,7 +236,7 @@ class EmbeddedPostgres:
         pid = self.pid()
         if pid is None:
             return
-        if _is_live_postgres(pid):
+        if _is_live_postgres(pid, self.data_dir):
             raise EmbeddedPostgresError(f"a PostgreSQL process (pid {pid}) still holds {self.data_dir}")
         (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
         for lock in self.socket_dir.glob(".s.PGSQL.*"):
@@ -275,15 +280,20 @@ class EmbeddedPostgres:
             return ""
 
 
-def _is_live_postgres(pid: int) -> bool:
-    """True for a running (not zombie) postgres process; pid files outlive kill -9."""
+def _is_live_postgres(pid: int, data_dir: Path) -> bool:
+    """True for a running (not zombie) postmaster of `data_dir`; pid files outlive kill -9.
+
+    The postmaster works in its data folder, so its cwd tells it apart from an unrelated process
+    that reused the pid after a crash.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X") and b"postgres" in cmdline
+    return state not in ("Z", "X") and b"postgres" in cmdline and Path(cwd) == data_dir.resolve()
 
 
 def _server_env() -> dict[str, str]:

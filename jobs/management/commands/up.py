@@ -46,15 +46,21 @@ class Command(BaseCommand):
     def handle(self, *args: Any, no_worker: bool, concurrency: int, **options: Any) -> None:
         self.colour = sys.stdout.isatty()
         _die_with_parent()  # if `make` is killed, stop cleanly too
+        instance = os.environ.get("SKIPLOCK_PG_INSTANCE") or "dev"
+        cluster = EmbeddedPostgres(instance) if settings.EMBEDDED_DATABASE else None
+        self.instance = instance if cluster is not None else "external"
         lock = self._single_instance_lock()
         host = os.environ.get("HOST", "127.0.0.1")
-        port = int(os.environ.get("PORT", "8000"))
+        try:
+            port = int(os.environ.get("PORT", "8000"))
+        except ValueError:
+            raise CommandError(f"PORT={os.environ['PORT']!r} is not a TCP port") from None
         if not port_is_free(port, host):
+            lock.close()
             raise CommandError(
                 f"port {port} on {host} is in use (another Skiplock, or another program); "
                 "stop it or run with PORT=<another port>"
             )
-        cluster = EmbeddedPostgres(os.environ.get("SKIPLOCK_PG_INSTANCE", "dev")) if settings.EMBEDDED_DATABASE else None
         started_db = False
         children: dict[str, subprocess.Popen[bytes]] = {}
         stopping = threading.Event()
@@ -67,7 +73,7 @@ class Command(BaseCommand):
         try:
             if cluster is not None:
                 self.say("up", f"starting the embedded PostgreSQL (port {cluster.port}, data in .skiplock/{cluster.instance}/)")
-                started_db = cluster.start()
+                started_db = self._start_cluster(cluster)
             self.say("up", "applying migrations")
             call_command("migrate", interactive=False, verbosity=0)
             self._ensure_admin()
@@ -93,21 +99,26 @@ class Command(BaseCommand):
             self._stop(children)
             if cluster is not None and started_db:
                 cluster.stop()
+                _started_marker(cluster).unlink(missing_ok=True)
                 self.say("up", "embedded PostgreSQL stopped")
             lock.close()
 
     # -- helpers -------------------------------------------------------------------------------
     def _single_instance_lock(self) -> IO[str]:
+        """One `up` per database: a second copy stops here with a clear message."""
         STATE_DIR.mkdir(exist_ok=True)
-        handle = (STATE_DIR / "up.lock").open("a+")
+        name = "up.lock" if self.instance == "dev" else f"up-{self.instance}.lock"
+        handle = (STATE_DIR / name).open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             pid = handle.read().strip() or "?"
+            handle.close()
             raise CommandError(
-                f"Skiplock is already running from this checkout (pid {pid}); its database and port are in use. "
-                "Stop it with Ctrl-C first."
+                f"Skiplock is already running from this checkout (pid {pid}); its database "
+                f"({self.instance}) and port are in use. Stop it with Ctrl-C first, or open the "
+                "running one."
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -117,7 +128,7 @@ class Command(BaseCommand):
 
     def _ensure_admin(self) -> None:
         user_model = get_user_model()
-        password_file = STATE_DIR / "admin-password"
+        password_file = STATE_DIR / ("admin-password" if self.instance == "dev" else f"admin-password-{self.instance}")
         if user_model.objects.filter(is_superuser=True).exists():
             hint = f" (password in {password_file})" if password_file.exists() else ""
             self.say("up", f"log in to the admin as an existing superuser{hint}")
@@ -127,6 +138,22 @@ class Command(BaseCommand):
         password_file.write_text(password + "\n")
         password_file.chmod(0o600)
         self.say("up", f"created the admin account — user: admin  password: {password}  (also in {password_file})")
+
+    def _start_cluster(self, cluster: EmbeddedPostgres) -> bool:
+        """Start the embedded database; True when this run owns it and must stop it at exit.
+
+        A cluster left running by an `up` that was killed (kill -9: no clean-up ran) is adopted,
+        so this run stops it; one started by hand (`manage.py db start`) is left running.
+        """
+        marker = _started_marker(cluster)
+        started = cluster.start()
+        if started or marker.exists():
+            if not started:
+                self.say("up", "adopting the database left running by a previous run that was killed")
+            marker.write_text(str(os.getpid()))
+            return True
+        self.say("up", "the embedded PostgreSQL was already running (manage.py db start); leaving it running")
+        return False
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(
@@ -163,6 +190,10 @@ class Command(BaseCommand):
             prefix = f"{COLOURS.get(name, '')}{prefix}{RESET}"
         sys.stdout.write(f"{prefix} {line}\n")
         sys.stdout.flush()
+
+
+def _started_marker(cluster: EmbeddedPostgres) -> Path:
+    return STATE_DIR / f"up-{cluster.instance}.started-db"
 
 
 def _die_with_parent() -> None:
