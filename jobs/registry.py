@@ -13,10 +13,12 @@ model per task validates every start (API, command, Python) and publishes the JS
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import inspect
 import random
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -44,6 +46,14 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
     jitter: float = 0.1  # ± this fraction of each delay, so retries of many jobs spread out
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     dont_retry_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        if self.backoff < 0 or self.max_backoff < 0 or self.factor < 1:
+            raise ValueError("backoff and max_backoff must be 0 or more, factor at least 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be a fraction from 0 to 1 (0.1 = ±10 %)")
 
     @property
     def max_attempts(self) -> int:
@@ -85,9 +95,11 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
 
 NO_RETRY = RetryPolicy(max_retries=0)
 
-# Failures that another attempt cannot fix.
+# Failures that another attempt cannot fix. An async task cancelled by an abort request raises
+# CancelledError: never retrying it is what makes an aborted async job end `aborted`, not `failed`.
 _NEVER_RETRY: tuple[type[BaseException], ...] = (
     procrastinate_exceptions.JobAborted,
+    asyncio.CancelledError,
     InvalidArguments,
     ResultNotSerializable,
 )
@@ -225,8 +237,13 @@ def task(
     hard_time_limit: float = DEFAULT_HARD_TIME_LIMIT,
     lock: str | None = None,
     queueing_lock: str | None = None,
+    args_model: type[pydantic.BaseModel] | None = None,
 ) -> Any:
-    """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments."""
+    """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments.
+
+    `args_model` replaces the model built from the type hints (adapters such as the Django
+    tasks backend use it to describe a function whose wrapper takes `**kwargs`).
+    """
 
     def decorate(fn: Callable[..., Any]) -> TaskSpec:
         if soft_time_limit <= 0 or hard_time_limit <= 0:
@@ -236,10 +253,20 @@ def task(
         task_name = name or fn.__name__
         if task_name in _REGISTRY and _REGISTRY[task_name].func.__qualname__ != fn.__qualname__:
             raise ValueError(f"two tasks are named '{task_name}'")
-        takes_context, args_model = _arguments_model(fn, task_name)
+        if args_model is None:
+            takes_context, model = _arguments_model(fn, task_name)
+        else:
+            takes_context, model = False, args_model
+        for template, what in ((lock, "lock"), (queueing_lock, "queueing_lock")):
+            unknown = _template_fields(template) - set(model.model_fields)
+            if unknown:
+                raise ValueError(
+                    f"task '{task_name}': {what} {template!r} names {', '.join(repr(u) for u in sorted(unknown))}, "
+                    f"which is not an argument of the task"
+                )
         policy = retry if retry is not None else RetryPolicy()
         spec = TaskSpec(
-            name=task_name, func=fn, args_model=args_model, queue=queue, priority=priority,
+            name=task_name, func=fn, args_model=model, queue=queue, priority=priority,
             retry=policy, soft_time_limit=float(soft_time_limit), hard_time_limit=float(hard_time_limit),
             lock=lock, queueing_lock=queueing_lock, takes_context=takes_context,
             description=inspect.getdoc(fn) or "",
@@ -275,6 +302,16 @@ def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type
         **fields,
     )
     return takes_context, model
+
+
+def _template_fields(template: str | None) -> set[str]:
+    if not template:
+        return set()
+    return {
+        field_name.split(".")[0].split("[")[0]
+        for _, field_name, _, _ in string.Formatter().parse(template)
+        if field_name
+    }
 
 
 def _camel(name: str) -> str:

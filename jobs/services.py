@@ -242,18 +242,24 @@ def job_abort(*, job_id: int) -> str:
 
 def job_retry(*, job_id: int) -> str:
     """Run a failed job again now (failed → todo); its attempts and errors stay in its history."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT status FROM procrastinate_jobs WHERE id = %s FOR UPDATE", [job_id]
-        )
-        row = cursor.fetchone()
-        if row is None:
-            raise JobNotFound(f"no job has id {job_id}")
-        if row[0] != State.FAILED:
-            raise InvalidTransition(job_id=job_id, action="retry", state=_state_of(job_id))
-        cursor.execute(
-            "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", [job_id]
-        )
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT status FROM procrastinate_jobs WHERE id = %s FOR UPDATE", [job_id]
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise JobNotFound(f"no job has id {job_id}")
+            if row[0] != State.FAILED:
+                raise InvalidTransition(job_id=job_id, action="retry", state=_state_of(job_id))
+            cursor.execute(
+                "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", [job_id]
+            )
+    except IntegrityError:
+        # procrastinate#1543: the job's queueing lock is held by a newer waiting job.
+        raise AlreadyQueued(
+            f"cannot retry job {job_id}: another job with its queueing lock is already waiting"
+        ) from None
     return State.TODO
 
 

@@ -29,18 +29,27 @@ def run_jobs(
     concurrency: int = 1,
     include_scheduled: bool = False,
     max_rounds: int = 50,
+    **worker_options: Any,
 ) -> int:
     """Run jobs until none is runnable; returns how many attempts ran.
 
     `include_scheduled` also runs jobs scheduled for later, retries waiting out their backoff
     included, by making them runnable now, round after round, until the queue is empty.
+    Other keyword arguments go to the worker (e.g. `name`, `abort_job_polling_interval`).
     """
+    options: dict[str, Any] = {
+        "name": "test-worker",
+        "listen_notify": False,
+        # The worker learns of abort requests by polling while jobs run: poll often in tests.
+        "abort_job_polling_interval": 0.1,
+        **worker_options,
+    }
     before = _attempt_count()
     for _ in range(max_rounds):
         if include_scheduled:
             _make_scheduled_runnable(queues)
-        _in_fresh_loop(run_worker(queues=queues, concurrency=concurrency, name="test-worker", wait=False,
-                                  listen_notify=False, install_signal_handlers=False))
+        _in_fresh_loop(run_worker(queues=queues, concurrency=concurrency, wait=False,
+                                  install_signal_handlers=False, **options))
         if not include_scheduled or not _waiting(queues):
             break
     return _attempt_count() - before
