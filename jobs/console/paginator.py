@@ -1,0 +1,43 @@
+"""A paginator that never counts a million rows: exact up to a cap, then PostgreSQL's estimate."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.paginator import Paginator
+from django.db import connections
+from django.utils.functional import cached_property
+
+from jobs import dashboard
+
+EXACT_COUNT_CAP = 10_000
+
+
+class EstimatedCountPaginator(Paginator):
+    """Unfiltered: `reltuples`. Filtered: an exact count of at most EXACT_COUNT_CAP + 1 rows (index
+    walk), and past the cap the planner's row estimate. `estimated` says whether it is exact."""
+
+    estimated = False
+
+    @cached_property
+    def count(self) -> int:  # type: ignore[override]
+        queryset = self.object_list
+        if not queryset.query.where:
+            self.estimated = True
+            return dashboard.estimated_total()
+        capped = queryset.order_by()[: EXACT_COUNT_CAP + 1].count()
+        if capped <= EXACT_COUNT_CAP:
+            return capped
+        self.estimated = True
+        return max(capped, self._planner_estimate(queryset))
+
+    @staticmethod
+    def _planner_estimate(queryset: Any) -> int:
+        sql, params = queryset.order_by().values("pk").query.sql_with_params()
+        with connections[queryset.db].cursor() as cursor:
+            cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+            plan = cursor.fetchone()[0]
+        if isinstance(plan, str):
+            plan = json.loads(plan)
+        return int(plan[0]["Plan"]["Plan Rows"])

@@ -1,0 +1,438 @@
+"""Aggregate reads for the job console: each one walks an index, never the whole job table.
+
+Counts of waiting and running jobs are exact (the state index holds few such rows); counts of
+finished jobs are taken over a time window on the `finished_at` index, and the all-time numbers
+are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost nothing at any size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from jobs.registry import all_tasks, find_task
+from jobs.states import ACTIVE_STATES, FINAL_STATES, State
+
+FAILURE_RATE_ALERT = 0.10
+# A worker is live while its heartbeat is younger than this many heartbeat intervals (at least 30 s).
+LIVE_HEARTBEATS = 3
+RECENTLY_DEAD = dt.timedelta(hours=24)
+
+
+def _rows(sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params or [])
+        return list(cursor.fetchall())
+
+
+def live_after() -> dt.timedelta:
+    return dt.timedelta(seconds=max(30.0, LIVE_HEARTBEATS * float(settings.SKIPLOCK_HEARTBEAT_INTERVAL)))
+
+
+# --- cheap helpers for the job list ---------------------------------------------------------------
+
+
+def estimated_total() -> int:
+    """PostgreSQL's estimate of the number of jobs (no scan)."""
+    rows = _rows("SELECT reltuples::bigint FROM pg_class WHERE oid = 'skiplock_job'::regclass")
+    return max(0, int(rows[0][0])) if rows else 0
+
+
+def distinct_tasks_and_queues() -> tuple[list[str], list[str]]:
+    """Every task and queue name in the table, by a loose index scan (one probe per name)."""
+    sql = """
+        WITH RECURSIVE
+        t(v) AS (SELECT min(task_name) FROM skiplock_job
+                 UNION ALL
+                 SELECT (SELECT min(task_name) FROM skiplock_job WHERE task_name > t.v)
+                 FROM t WHERE t.v IS NOT NULL),
+        q(v) AS (SELECT min(queue_name) FROM skiplock_job
+                 UNION ALL
+                 SELECT (SELECT min(queue_name) FROM skiplock_job WHERE queue_name > q.v)
+                 FROM q WHERE q.v IS NOT NULL)
+        SELECT 't', v FROM t WHERE v IS NOT NULL
+        UNION ALL
+        SELECT 'q', v FROM q WHERE v IS NOT NULL
+    """
+    tasks = {spec.name for spec in all_tasks()}
+    queues = {spec.queue for spec in all_tasks()}
+    for kind, value in _rows(sql):
+        (tasks if kind == "t" else queues).add(value)
+    return sorted(tasks), sorted(queues)
+
+
+# --- dashboard ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Alert:
+    key: str
+    level: str  # "error" or "warning"
+    message: str
+    link: str = ""
+
+
+@dataclass
+class Dashboard:
+    now: dt.datetime
+    window_hours: int
+    active_by_state: dict[str, int]
+    finished_by_state: dict[str, int]
+    estimated_by_state: dict[str, int]
+    estimated_total: int
+    by_queue: list[dict[str, Any]]
+    per_minute: list[dict[str, Any]]
+    per_hour: list[dict[str, Any]]
+    percentiles: list[dict[str, Any]]
+    oldest_waiting: dict[str, Any] | None
+    stalled: list[dict[str, Any]]
+    over_soft_limit: list[dict[str, Any]]
+    live_workers: int
+    failure_rate_hour: float | None
+    finished_hour: int
+    alerts: list[Alert] = field(default_factory=list)
+
+
+def active_counts() -> dict[str, int]:
+    """Exact counts of waiting and running jobs, split like the display states."""
+    rows = _rows(
+        """
+        SELECT state,
+               count(*) FILTER (WHERE scheduled_at > now() AND attempts = 0) AS scheduled,
+               count(*) FILTER (WHERE attempts > 0 AND state = 'todo') AS retrying,
+               count(*)
+        FROM skiplock_job WHERE state = ANY(%s) GROUP BY state
+        """,
+        [[s.value for s in ACTIVE_STATES]],
+    )
+    counts = {"todo": 0, "scheduled": 0, "retrying": 0, "doing": 0, "aborting": 0}
+    for state, scheduled, retrying, total in rows:
+        if state == State.TODO:
+            counts["scheduled"] = scheduled
+            counts["retrying"] = retrying
+            counts["todo"] = total - scheduled - retrying
+        else:
+            counts[state] = total
+    return counts
+
+
+def finished_counts(*, since: dt.datetime) -> dict[str, int]:
+    rows = _rows(
+        "SELECT state, count(*) FROM skiplock_job WHERE finished_at >= %s GROUP BY state", [since]
+    )
+    counts = {s.value: 0 for s in State if s in FINAL_STATES}
+    counts.update({state: n for state, n in rows if state in counts})
+    return counts
+
+
+def estimated_state_counts() -> dict[str, int]:
+    """All-time counts per state from the planner statistics (ANALYZE keeps them fresh)."""
+    total = estimated_total()
+    rows = _rows(
+        """
+        SELECT most_common_vals::text::text[], most_common_freqs FROM pg_stats
+        WHERE schemaname = current_schema() AND tablename = 'skiplock_job' AND attname = 'state'
+        """
+    )
+    if not rows or rows[0][0] is None:
+        return {}
+    return {value: round(freq * total) for value, freq in zip(rows[0][0], rows[0][1], strict=False)}
+
+
+def queue_summary(*, since: dt.datetime) -> list[dict[str, Any]]:
+    """Per queue: waiting (runnable now), scheduled, running, and finished since `since`."""
+    active = _rows(
+        """
+        SELECT queue_name,
+               count(*) FILTER (WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())),
+               count(*) FILTER (WHERE state = 'todo' AND scheduled_at > now()),
+               count(*) FILTER (WHERE state IN ('doing', 'aborting')),
+               min(created_at) FILTER (WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now()))
+        FROM skiplock_job WHERE state = ANY(%s) GROUP BY queue_name
+        """,
+        [[s.value for s in ACTIVE_STATES]],
+    )
+    finished = _rows(
+        """
+        SELECT queue_name, count(*) FILTER (WHERE state = 'succeeded'), count(*) FILTER (WHERE state = 'failed')
+        FROM skiplock_job WHERE finished_at >= %s GROUP BY queue_name
+        """,
+        [since],
+    )
+    queues: dict[str, dict[str, Any]] = {}
+    for spec in all_tasks():
+        queues.setdefault(spec.queue, {})
+    for name, waiting, scheduled, running, oldest in active:
+        queues.setdefault(name, {}).update(waiting=waiting, scheduled=scheduled, running=running, oldest=oldest)
+    for name, succeeded, failed in finished:
+        queues.setdefault(name, {}).update(succeeded=succeeded, failed=failed)
+    depth_limit = int(settings.SKIPLOCK_ALERT_QUEUE_DEPTH)
+    out = []
+    for name in sorted(queues):
+        row = {"queue": name, "waiting": 0, "scheduled": 0, "running": 0, "succeeded": 0, "failed": 0,
+               "oldest": None, **queues[name]}
+        row["over_depth"] = row["waiting"] > depth_limit
+        out.append(row)
+    return out
+
+
+def throughput(*, since: dt.datetime, bucket: str, buckets: int, now: dt.datetime) -> list[dict[str, Any]]:
+    """Succeeded and failed jobs per `bucket` ('minute' or 'hour'), oldest first, gaps filled."""
+    assert bucket in ("minute", "hour")
+    rows = _rows(
+        f"""
+        SELECT date_trunc('{bucket}', finished_at) AS b,
+               count(*) FILTER (WHERE state = 'succeeded'),
+               count(*) FILTER (WHERE state = 'failed'),
+               count(*) FILTER (WHERE state IN ('cancelled', 'aborted'))
+        FROM skiplock_job WHERE finished_at >= %s GROUP BY b
+        """,
+        [since],
+    )
+    step = dt.timedelta(minutes=1) if bucket == "minute" else dt.timedelta(hours=1)
+    end = now.replace(second=0, microsecond=0)
+    if bucket == "hour":
+        end = end.replace(minute=0)
+    found = {b: (ok, failed, other) for b, ok, failed, other in rows}
+    series = []
+    for index in range(buckets - 1, -1, -1):
+        start = end - index * step
+        ok, failed, other = found.get(start, (0, 0, 0))
+        series.append({"start": start, "succeeded": ok, "failed": failed, "other": other})
+    return series
+
+
+def duration_percentiles(*, since: dt.datetime) -> list[dict[str, Any]]:
+    rows = _rows(
+        """
+        SELECT task_name, count(*),
+               percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (
+                   ORDER BY extract(epoch FROM finished_at - started_at)),
+               max(extract(epoch FROM finished_at - started_at))
+        FROM skiplock_job
+        WHERE finished_at >= %s AND started_at IS NOT NULL AND state = 'succeeded'
+        GROUP BY task_name ORDER BY task_name
+        """,
+        [since],
+    )
+    return [
+        {"task": task, "count": n, "p50": p[0], "p95": p[1], "p99": p[2], "max": float(top)}
+        for task, n, p, top in rows
+    ]
+
+
+def oldest_waiting() -> dict[str, Any] | None:
+    """The runnable job that has waited longest (the head of the line is what users feel)."""
+    rows = _rows(
+        """
+        SELECT job_id, task_name, queue_name, COALESCE(scheduled_at, created_at) AS since
+        FROM skiplock_job
+        WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())
+        ORDER BY since LIMIT 1
+        """
+    )
+    if not rows:
+        return None
+    job_id, task, queue, since = rows[0]
+    return {"job_id": job_id, "task": task, "queue": queue, "since": since}
+
+
+def running_jobs(*, limit: int = 500) -> list[dict[str, Any]]:
+    """Running jobs with their worker's last heartbeat (None: the worker row is gone)."""
+    rows = _rows(
+        """
+        SELECT s.job_id, s.task_name, s.queue_name, s.started_at, s.worker_name, s.progress, s.step,
+               w.last_heartbeat, pj.worker_id
+        FROM skiplock_job s
+        JOIN procrastinate_jobs pj ON pj.id = s.job_id
+        LEFT JOIN procrastinate_workers w ON w.id = pj.worker_id
+        WHERE s.state IN ('doing', 'aborting')
+        ORDER BY s.started_at LIMIT %s
+        """,
+        [limit],
+    )
+    keys = ("job_id", "task", "queue", "started_at", "worker", "progress", "step", "heartbeat", "worker_id")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def live_worker_count() -> int:
+    rows = _rows(
+        "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - %s", [live_after()]
+    )
+    return int(rows[0][0])
+
+
+def dashboard(*, now: dt.datetime | None = None) -> Dashboard:
+    now = now or timezone.now()
+    hour_ago, day_ago = now - dt.timedelta(hours=1), now - dt.timedelta(hours=24)
+    per_minute = throughput(since=hour_ago.replace(second=0, microsecond=0), bucket="minute", buckets=60, now=now)
+    per_hour = throughput(
+        since=day_ago.replace(minute=0, second=0, microsecond=0), bucket="hour", buckets=24, now=now
+    )
+    ok_hour = sum(b["succeeded"] for b in per_minute)
+    failed_hour = sum(b["failed"] for b in per_minute)
+    finished_hour = ok_hour + failed_hour
+    running = running_jobs()
+    stalled_after = dt.timedelta(seconds=int(settings.SKIPLOCK_STALLED_AFTER))
+    stalled = [r for r in running if r["heartbeat"] is None or now - r["heartbeat"] > stalled_after]
+    over_soft = []
+    for job in running:
+        spec = find_task(job["task"])
+        if spec and job["started_at"] and (now - job["started_at"]).total_seconds() > spec.soft_time_limit:
+            over_soft.append({**job, "soft_limit": spec.soft_time_limit})
+    board = Dashboard(
+        now=now,
+        window_hours=24,
+        active_by_state=active_counts(),
+        finished_by_state=finished_counts(since=day_ago),
+        estimated_by_state=estimated_state_counts(),
+        estimated_total=estimated_total(),
+        by_queue=queue_summary(since=day_ago),
+        per_minute=per_minute,
+        per_hour=per_hour,
+        percentiles=duration_percentiles(since=day_ago),
+        oldest_waiting=oldest_waiting(),
+        stalled=stalled,
+        over_soft_limit=over_soft,
+        live_workers=live_worker_count(),
+        failure_rate_hour=(failed_hour / finished_hour) if finished_hour else None,
+        finished_hour=finished_hour,
+    )
+    board.alerts = alerts(board)
+    return board
+
+
+def alerts(board: Dashboard) -> list[Alert]:
+    """The alert conditions, in the order an operator should look at them."""
+    found = []
+    waiting = board.active_by_state.get("todo", 0) + board.active_by_state.get("retrying", 0)
+    if board.live_workers == 0:
+        found.append(Alert("no_live_worker", "error",
+                           f"No live worker: {waiting} runnable job(s) will not run until one starts "
+                           "(`manage.py worker`)."))
+    if board.failure_rate_hour is not None and board.failure_rate_hour > FAILURE_RATE_ALERT:
+        found.append(Alert("failure_rate", "error",
+                           f"Failure rate {board.failure_rate_hour:.0%} over the last hour "
+                           f"({board.finished_hour} finished jobs; alert above {FAILURE_RATE_ALERT:.0%})."))
+    limit = int(settings.SKIPLOCK_ALERT_QUEUE_DEPTH)
+    for row in board.by_queue:
+        if row["over_depth"]:
+            found.append(Alert(f"queue_depth:{row['queue']}", "warning",
+                               f"Queue '{row['queue']}' has {row['waiting']} runnable jobs waiting "
+                               f"(threshold SKIPLOCK_ALERT_QUEUE_DEPTH={limit})."))
+    for job in board.over_soft_limit:
+        found.append(Alert(f"soft_limit:{job['job_id']}", "warning",
+                           f"Job #{job['job_id']} ({job['task']}) has run past its soft time limit "
+                           f"of {job['soft_limit']:.0f} s.", link=str(job["job_id"])))
+    if board.stalled:
+        found.append(Alert("stalled", "warning",
+                           f"{len(board.stalled)} running job(s) belong to a worker with no recent heartbeat "
+                           "(stalled; the maintenance task will retry them)."))
+    return found
+
+
+# --- workers --------------------------------------------------------------------------------------
+
+
+def workers(*, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Live workers and those seen in the last day, with heartbeat, jobs in flight and queues."""
+    now = now or timezone.now()
+    rows = _rows(
+        """
+        WITH inflight AS (
+            SELECT worker_id, count(*) AS n FROM procrastinate_jobs
+            WHERE worker_id IS NOT NULL AND status = 'doing' GROUP BY worker_id
+        ),
+        ids AS (
+            SELECT id AS worker_id FROM procrastinate_workers
+            UNION
+            SELECT worker_id FROM skiplock_worker WHERE last_seen_at > %s OR stopped_at > %s
+        )
+        SELECT ids.worker_id, i.name, i.hostname, i.pid, i.queues, i.concurrency, i.processes,
+               i.started_at, i.stopped_at, COALESCE(w.last_heartbeat, i.last_seen_at) AS heartbeat,
+               w.id IS NOT NULL AS registered, COALESCE(f.n, 0)
+        FROM ids
+        LEFT JOIN skiplock_worker i ON i.worker_id = ids.worker_id
+        LEFT JOIN procrastinate_workers w ON w.id = ids.worker_id
+        LEFT JOIN inflight f ON f.worker_id = ids.worker_id
+        ORDER BY heartbeat DESC NULLS LAST LIMIT 500
+        """,
+        [now - RECENTLY_DEAD, now - RECENTLY_DEAD],
+    )
+    live_cut = now - live_after()
+    out = []
+    for wid, name, host, pid, queues, concurrency, processes, started, stopped, beat, registered, inflight in rows:
+        live = bool(registered and beat is not None and beat > live_cut and stopped is None)
+        out.append({
+            "worker_id": wid, "name": name or f"worker-{wid}", "hostname": host or "", "pid": pid,
+            "queues": queues or [], "concurrency": concurrency, "processes": processes,
+            "started_at": started, "stopped_at": stopped, "heartbeat": beat, "live": live,
+            "in_flight": inflight,
+            "status": "live" if live else ("stopped" if stopped else "dead"),
+        })
+    return out
+
+
+# --- periodic schedules ---------------------------------------------------------------------------
+
+_SCHEDULE_KEYS = ("task", "periodic_id", "cron", "next_run", "last_run", "last_job_id", "last_state", "queue",
+                  "description", "enabled")
+
+
+def periodic_rows(*, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Each periodic schedule with its next run, last run and that run's outcome.
+
+    `jobs.periodic.periodic_schedules()` is the source when the app has it; otherwise procrastinate's
+    periodic registry and its `procrastinate_periodic_defers` table answer the same questions.
+    """
+    try:
+        from jobs.periodic import periodic_schedules  # type: ignore[attr-defined]
+    except ImportError:
+        return _periodic_from_procrastinate(now=now or timezone.now())
+    rows = []
+    for item in periodic_schedules():
+        get = item.get if isinstance(item, dict) else (lambda k, default=None, _i=item: getattr(_i, k, default))
+        row = {key: get(key) for key in _SCHEDULE_KEYS}
+        row["task"] = row["task"] or get("task_name") or get("name")
+        row["last_state"] = row["last_state"] or get("last_outcome") or get("last_status")
+        row["next_run"] = row["next_run"] or get("next_run_at")
+        row["last_run"] = row["last_run"] or get("last_run_at")
+        rows.append(row)
+    return rows
+
+
+def _periodic_from_procrastinate(*, now: dt.datetime) -> list[dict[str, Any]]:
+    from croniter import croniter
+    from procrastinate.contrib.django import app
+
+    registry = getattr(app, "periodic_registry", None)
+    tasks = list(registry.periodic_tasks.values()) if registry else []
+    last = {
+        (task, pid): (ts, job_id, state)
+        for task, pid, ts, job_id, state in _rows(
+            """
+            SELECT DISTINCT ON (d.task_name, d.periodic_id) d.task_name, d.periodic_id, d.defer_timestamp,
+                   d.job_id, j.state
+            FROM procrastinate_periodic_defers d LEFT JOIN skiplock_job j ON j.job_id = d.job_id
+            ORDER BY d.task_name, d.periodic_id, d.defer_timestamp DESC
+            """
+        )
+    }
+    rows = []
+    for periodic in tasks:
+        ts, job_id, state = last.get((periodic.task.name, periodic.periodic_id), (None, None, None))
+        spec = find_task(periodic.task.name)
+        rows.append({
+            "task": periodic.task.name, "periodic_id": periodic.periodic_id, "cron": periodic.cron,
+            "next_run": croniter(periodic.cron, now).get_next(dt.datetime),
+            "last_run": dt.datetime.fromtimestamp(ts, dt.UTC) if ts else None,
+            "last_job_id": job_id, "last_state": state,
+            "queue": periodic.configure_kwargs.get("queue") or (spec.queue if spec else periodic.task.queue),
+            "description": spec.description if spec else "", "enabled": True,
+        })
+    return sorted(rows, key=lambda r: (r["task"], r["periodic_id"]))

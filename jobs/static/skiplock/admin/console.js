@@ -1,0 +1,114 @@
+// Skiplock job console: live progress on the job page (SSE, then polling), keyboard shortcuts, copy buttons.
+(function () {
+  "use strict";
+
+  function liveJob(root) {
+    var bar = document.querySelector("#sl-progress-bar .sl-progress");
+    var fill = bar && bar.firstElementChild;
+    var text = document.getElementById("sl-progress-text");
+    var step = document.getElementById("sl-step");
+    var mode = document.getElementById("sl-live-mode");
+    var state = root.dataset.state || "";
+    var finished = false;
+    var pollTimer = null;
+    var pollUrl = root.dataset.apiUrl;
+
+    function apply(data) {
+      if (!data || typeof data !== "object") return;
+      if (data.job && typeof data.job === "object") data = data.job;
+      var p = data.progress;
+      if (typeof p === "number" && fill) {
+        fill.style.width = p + "%";
+        bar.setAttribute("aria-valuenow", String(p));
+        text.textContent = p + "%";
+      }
+      if (typeof data.step === "string") step.textContent = data.step;
+      var newState = data.state || data.status;
+      if (newState && newState !== state) {
+        state = newState;
+        bar.className = "sl-progress sl-progress-" + newState;
+      }
+      if (["succeeded", "failed", "cancelled", "aborted"].indexOf(newState) >= 0 && !finished) {
+        finished = true;
+        if (pollTimer) clearInterval(pollTimer);
+        mode.textContent = "finished — reloading";
+        setTimeout(function () { window.location.reload(); }, 400);
+      }
+    }
+
+    function poll() {
+      mode.textContent = "live (polling every 2 s)";
+      function once() {
+        fetch(pollUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
+          .then(function (r) {
+            if (!r.ok) throw new Error(String(r.status));
+            return r.json();
+          })
+          .then(apply)
+          .catch(function () {
+            // The API may want a key: fall back to the console's own status endpoint (staff session).
+            if (pollUrl !== root.dataset.statusUrl) { pollUrl = root.dataset.statusUrl; once(); }
+          });
+      }
+      once();
+      pollTimer = setInterval(once, 2000);
+    }
+
+    if (root.dataset.final === "1") return;
+    if (!window.EventSource) { poll(); return; }
+    var opened = false;
+    var source = new EventSource(root.dataset.eventsUrl, { withCredentials: true });
+    var onEvent = function (e) { try { apply(JSON.parse(e.data)); } catch (err) { /* keep-alive or non-JSON */ } };
+    ["message", "progress", "state", "job", "snapshot", "update"].forEach(function (name) {
+      source.addEventListener(name, onEvent);
+    });
+    source.onopen = function () { opened = true; mode.textContent = "live"; };
+    source.onerror = function () {
+      if (finished) { source.close(); return; }
+      if (!opened || source.readyState === EventSource.CLOSED) { source.close(); if (!pollTimer) poll(); }
+    };
+    // A stream that opens but never speaks (e.g. a proxy buffering it) still gets polled.
+    setTimeout(function () { if (!opened && !pollTimer) { source.close(); poll(); } }, 3000);
+  }
+
+  function shortcuts() {
+    var pending = false;
+    document.addEventListener("keydown", function (e) {
+      var t = e.target;
+      if (e.ctrlKey || e.metaKey || e.altKey) return;
+      if (t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName))) {
+        if (e.key === "Escape") t.blur();
+        return;
+      }
+      if (e.key === "/") {
+        var box = document.getElementById("searchbar");
+        if (box) { e.preventDefault(); box.focus(); box.select(); }
+        return;
+      }
+      if (e.key === "g") { pending = true; setTimeout(function () { pending = false; }, 1200); return; }
+      if (pending) {
+        pending = false;
+        var link = document.querySelector('.sl-nav a[data-key="' + e.key + '"]');
+        if (link) { e.preventDefault(); window.location.href = link.href; }
+      }
+    });
+  }
+
+  function copyButtons() {
+    document.querySelectorAll("[data-copy]").forEach(function (button) {
+      button.addEventListener("click", function () {
+        var target = document.querySelector(button.dataset.copy);
+        if (target && navigator.clipboard) {
+          navigator.clipboard.writeText(target.textContent.trim()).then(function () { button.textContent = "Copied"; });
+        }
+      });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var job = document.getElementById("sl-job");
+    if (job) liveJob(job);
+    shortcuts();
+    copyButtons();
+  });
+})();

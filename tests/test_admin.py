@@ -1,0 +1,295 @@
+"""The job console: permissions, actions through services, search, pages, and a pinned query count."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.admin.models import CHANGE, DELETION, LogEntry
+from django.test import Client
+from django.urls import reverse
+
+from jobs import services
+from jobs.models import ApiKey, JobRecord
+from jobs.states import DISPLAY, DisplayState
+from tests.admin_fixtures import QUICK_DEPLOY, console_urlconf, failed_deploy_job, insert_jobs, make_user
+
+LIST = "/admin/jobs/jobrecord/"
+PAGES = [LIST, "/admin/jobs/dashboard/", "/admin/jobs/workerinfo/", "/admin/jobs/periodic/", "/admin/jobs/apikey/"]
+
+
+@pytest.fixture(autouse=True)
+def _urls(settings: object) -> None:
+    settings.ROOT_URLCONF = console_urlconf()  # type: ignore[attr-defined]
+
+
+def client_for(user: object) -> Client:
+    client = Client()
+    client.force_login(user)  # type: ignore[arg-type]
+    return client
+
+
+@pytest.fixture
+def admin_client(db: None) -> Client:
+    return client_for(make_user("root", superuser=True))
+
+
+@pytest.fixture
+def viewer_client(db: None) -> Client:
+    return client_for(make_user("viewer", perms=("jobs.view_jobrecord", "jobs.view_apikey", "jobs.view_workerinfo")))
+
+
+def post_action(client: Client, action: str, ids: list[int], *, confirm: bool, url: str = LIST, **extra: str) -> object:
+    data = {"action": action, "index": "0", "_selected_action": [str(i) for i in ids], **extra}
+    if confirm:
+        data["confirm"] = "yes"
+    return client.post(url, data)
+
+
+# --- access ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", [*PAGES, "/admin/jobs/jobrecord/1/change/", "/admin/jobs/jobrecord/1/status.json"])
+def test_anonymous_users_are_sent_to_the_login_page(client: Client, url: str) -> None:
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/")
+
+
+@pytest.mark.django_db
+def test_staff_without_job_permissions_cannot_open_the_console() -> None:
+    client = client_for(make_user("nobody"))
+    assert client.get(LIST).status_code == 403
+    assert client.get("/admin/jobs/dashboard/").status_code == 403
+
+
+def test_a_viewer_sees_every_page_and_the_detail_without_action_buttons(viewer_client: Client) -> None:
+    job_id = insert_jobs(1, status="failed")[0]
+    for url in PAGES:
+        assert viewer_client.get(url).status_code == 200, url
+    detail = viewer_client.get(f"{LIST}{job_id}/change/")
+    assert detail.status_code == 200
+    assert b'value="retry_jobs"' not in detail.content
+    page = viewer_client.get(LIST).content.decode()
+    assert "retry_jobs" not in page  # no action choices at all
+
+
+def test_a_viewer_cannot_retry_even_by_posting_the_action(viewer_client: Client) -> None:
+    job_id = insert_jobs(1, status="failed")[0]
+    for confirm in (False, True):
+        post_action(viewer_client, "retry_jobs", [job_id], confirm=confirm)
+    assert JobRecord.objects.get(pk=job_id).state == "failed"
+    assert not LogEntry.objects.exists()
+
+
+# --- actions ----------------------------------------------------------------------------------------
+
+
+def test_retry_asks_for_confirmation_then_retries_through_the_service_and_logs(admin_client: Client) -> None:
+    failed = insert_jobs(2, status="failed")
+    succeeded = insert_jobs(1, status="succeeded")
+    page = post_action(admin_client, "retry_jobs", failed + succeeded, confirm=False)
+    assert page.status_code == 200  # type: ignore[attr-defined]
+    text = page.content.decode()  # type: ignore[attr-defined]
+    assert "2 of 3 selected job(s)" in text and 'name="confirm" value="yes"' in text
+    assert JobRecord.objects.get(pk=failed[0]).state == "failed"  # nothing changed yet
+
+    response = post_action(admin_client, "retry_jobs", failed + succeeded, confirm=True)
+    assert response.status_code == 302  # type: ignore[attr-defined]
+    assert set(JobRecord.objects.filter(pk__in=failed).values_list("state", flat=True)) == {"todo"}
+    assert JobRecord.objects.get(pk=succeeded[0]).state == "succeeded"
+    entries = LogEntry.objects.filter(action_flag=CHANGE)
+    assert sorted(int(e.object_id) for e in entries) == sorted(failed)
+    messages = [m.message for m in response.wsgi_request._messages]  # type: ignore[attr-defined]
+    assert any(m.startswith("Retried 2 job(s)") for m in messages)
+    assert f"Cannot retry job {succeeded[0]}: it is succeeded." in messages
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "expected"),
+    [("cancel_jobs", "todo", "cancelled"), ("abort_jobs", "doing", "aborting"), ("retry_jobs", "failed", "todo")],
+)
+def test_single_job_actions_from_the_detail_page(admin_client: Client, action: str, status: str, expected: str) -> None:
+    job_id = insert_jobs(1, status=status)[0]
+    detail = admin_client.get(f"{LIST}{job_id}/change/").content.decode()
+    assert f'value="{action}"' in detail
+    back = f"{LIST}{job_id}/change/"
+    response = post_action(admin_client, action, [job_id], confirm=True, next=back)
+    assert response["Location"] == back  # type: ignore[index]
+    assert JobRecord.objects.get(pk=job_id).state == expected
+
+
+def test_run_now_makes_a_scheduled_job_runnable(admin_client: Client) -> None:
+    job = services.job_defer(task_name="optimize_route", args={"points": 5}, delay_seconds=3600)
+    post_action(admin_client, "run_now_jobs", [job.job_id], confirm=True)
+    record = JobRecord.objects.get(pk=job.job_id)
+    assert record.display_state == DisplayState.TODO
+
+
+def test_delete_goes_through_the_service_and_is_logged(admin_client: Client) -> None:
+    done, running = insert_jobs(1, status="succeeded")[0], insert_jobs(1, status="doing")[0]
+    post_action(admin_client, "delete_jobs", [done, running], confirm=True)
+    assert not JobRecord.objects.filter(pk=done).exists()
+    assert JobRecord.objects.filter(pk=running).exists()  # a running job cannot be deleted
+    assert LogEntry.objects.filter(action_flag=DELETION, object_id=str(done)).exists()
+
+
+def test_a_change_only_user_cannot_delete(db: None) -> None:
+    client = client_for(make_user("operator", perms=("jobs.view_jobrecord", "jobs.change_jobrecord")))
+    job_id = insert_jobs(1, status="failed")[0]
+    post_action(client, "delete_jobs", [job_id], confirm=True)
+    assert JobRecord.objects.filter(pk=job_id).exists()
+    post_action(client, "retry_jobs", [job_id], confirm=True)
+    assert JobRecord.objects.get(pk=job_id).state == "todo"
+
+
+def test_django_bulk_delete_and_the_delete_page_are_not_offered(admin_client: Client) -> None:
+    job_id = insert_jobs(1, status="succeeded")[0]
+    assert "delete_selected" not in admin_client.get(LIST).content.decode()
+    admin_client.post(f"{LIST}{job_id}/delete/", {"post": "yes"})
+    assert JobRecord.objects.filter(pk=job_id).exists()
+
+
+# --- list, search, detail ---------------------------------------------------------------------------
+
+
+def test_every_display_state_has_a_filter_and_a_badge(admin_client: Client) -> None:
+    page = admin_client.get(LIST).content.decode()
+    for state, (text, _colour) in DISPLAY.items():
+        assert f"?state={state.value}" in page, state
+    for status in ("todo", "doing", "succeeded", "failed", "cancelled", "aborted"):
+        insert_jobs(1, status=status)
+    page = admin_client.get(LIST).content.decode()
+    for status in ("Waiting", "Running", "Succeeded", "Failed", "Cancelled", "Aborted"):
+        assert f">{status}</span>" in page
+
+
+def test_filters_by_state_task_and_queue(admin_client: Client) -> None:
+    failed = insert_jobs(2, status="failed", task="index_document")
+    insert_jobs(3, status="succeeded", task="deploy_stack", queue="deploys")
+    page = admin_client.get(LIST, {"state": "failed"}).content.decode()
+    assert {int(i) for i in re.findall(r'href="/admin/jobs/jobrecord/(\d+)/change/"', page)} == set(failed)
+    page = admin_client.get(LIST, {"queue": "deploys"}).content.decode()
+    assert len(set(re.findall(r'href="/admin/jobs/jobrecord/(\d+)/change/"', page))) == 3
+    assert "?queue=deploys" in page  # the queue list comes from the table, not only the registry
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [("{id}", 1), ("#{id}", 1), ("title=alpha", 1), ('title="alpha"', 1), ("alph", 1), ("index_document", 2)],
+)
+def test_search_by_id_argument_and_task(admin_client: Client, term: str, expected: int) -> None:
+    first = insert_jobs(1, task="index_document", args={"title": "alpha"})[0]
+    insert_jobs(1, task="index_document", args={"title": "beta"})
+    insert_jobs(1, task="deploy_stack", args={"stack": "shop"})
+    page = admin_client.get(LIST, {"q": term.format(id=first)}).content.decode()
+    found = set(re.findall(r'href="/admin/jobs/jobrecord/(\d+)/change/"', page))
+    assert len(found) == expected, (term, found)
+
+
+def test_the_list_pins_its_query_count_whatever_the_page_size(admin_client: Client, django_assert_num_queries: object) -> None:
+    insert_jobs(3, status="failed")
+    admin_client.get(LIST)  # warm the content-type and session caches
+    counts = []
+    for extra in (0, 60):
+        insert_jobs(extra, status="succeeded") if extra else None
+        for params in ({}, {"state": "failed"}, {"task": "deploy_stack", "q": "shop"}):
+            from django.db import connection
+            from django.test.utils import CaptureQueriesContext
+
+            with CaptureQueriesContext(connection) as queries:
+                assert admin_client.get(LIST, params).status_code == 200
+            counts.append(len(queries))
+    # session + user + task/queue names + count + page rows; no query per row, no COUNT(*) of the table
+    assert counts == [5] * 6, counts
+    with django_assert_num_queries(5):  # type: ignore[operator]
+        admin_client.get(LIST, {"state": "succeeded"})
+
+
+def test_the_unfiltered_list_never_counts_the_table(admin_client: Client) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    insert_jobs(5)
+    with CaptureQueriesContext(connection) as queries:
+        admin_client.get(LIST)
+    sql = " ".join(q["sql"] for q in queries).lower()
+    assert "count(*)" not in sql
+    assert "reltuples" in sql
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_detail_shows_arguments_attempts_traceback_and_timeline() -> None:
+    client = client_for(make_user("root", superuser=True))
+    job_id = failed_deploy_job()
+    page = client.get(f"{LIST}{job_id}/change/").content.decode()
+    assert "DeployStepFailed" in page and "Traceback (most recent call last)" in page
+    assert "&quot;fail_at_step&quot;: 1" in page  # pretty JSON arguments
+    assert page.count("sl-badge sl-orange") >= 3  # three retried attempts, then the failed one
+    assert "deferred for retry" in page and "failed" in page
+    assert f'href="/api/jobs/{job_id}"' in page
+    status = client.get(f"{LIST}{job_id}/status.json").json()
+    assert status["state"] == "failed" and status["final"] is True
+
+
+# --- pages -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_dashboard_shows_counts_charts_and_the_no_worker_alert() -> None:
+    client = client_for(make_user("root", superuser=True))
+    failed_deploy_job()
+    services.job_defer(task_name="optimize_route", args={"points": 5})
+    page = client.get("/admin/jobs/dashboard/").content.decode()
+    assert page.count('<svg class="sl-chart"') == 2
+    assert 'data-alert="no_live_worker"' in page
+    assert 'data-alert="failure_rate"' in page  # one job finished in the hour, and it failed
+    assert "deploy_stack" in page and "optimize_route" in page
+
+
+def test_the_queue_depth_alert_uses_the_setting(admin_client: Client, settings: object) -> None:
+    settings.SKIPLOCK_ALERT_QUEUE_DEPTH = 2  # type: ignore[attr-defined]
+    insert_jobs(3, queue="reports")
+    page = admin_client.get("/admin/jobs/dashboard/").content.decode()
+    assert 'data-alert="queue_depth:reports"' in page
+
+
+def test_the_workers_page_lists_live_and_dead_workers(admin_client: Client) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now()) RETURNING id")
+        live_id = cursor.fetchone()[0]
+        cursor.execute(
+            "INSERT INTO skiplock_worker (worker_id, name, hostname, pid, queues, concurrency, processes, started_at, last_seen_at)"
+            " VALUES (%s, 'web-1', 'host-a', 42, '[\"default\"]', 4, 1, now(), now()),"
+            " (999999, 'old-1', 'host-b', 7, '[]', 2, 1, now() - interval '2 hours', now() - interval '1 hour')",
+            [live_id],
+        )
+    page = admin_client.get("/admin/jobs/workerinfo/").content.decode()
+    assert "web-1" in page and "old-1" in page
+    assert 'class="sl-worker-live"' in page and 'class="sl-worker-dead"' in page
+
+
+def test_api_keys_show_the_raw_key_once_and_can_be_revoked(admin_client: Client) -> None:
+    from jobs.apikeys import apikey_verify
+
+    response = admin_client.post("/admin/jobs/apikey/add/", {"name": "ci", "scopes": ["start", "read"]})
+    assert response.status_code == 200
+    raw = re.search(r'id="sl-raw-key"[^>]*>(sk_[^<]+)<', response.content.decode()).group(1)  # type: ignore[union-attr]
+    key = ApiKey.objects.get()
+    assert apikey_verify(raw) == key and key.scopes == ["read", "start"]
+    assert raw not in admin_client.get(f"/admin/jobs/apikey/{key.pk}/change/").content.decode()
+    admin_client.post(reverse("admin:jobs_apikey_revoke", args=[key.pk]))
+    assert apikey_verify(raw) is None
+
+
+def test_procrastinates_own_job_admin_is_gone(admin_client: Client) -> None:
+    assert admin_client.get("/admin/procrastinate/procrastinatejob/").status_code == 404
+
+
+def test_quick_deploy_args_are_valid() -> None:
+    from jobs.registry import get_task
+
+    assert get_task("deploy_stack").validate(QUICK_DEPLOY)["check_interval"] == 0
