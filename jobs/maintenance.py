@@ -93,7 +93,7 @@ def end_attempt(
 
 def recover_stalled_jobs(
     *, stalled_after: float | None = None, worker_ids: list[int] | None = None, batch: int = 500,
-    reason: str | None = None, outcome: str = "lost",
+    reason: str | None = None, outcome: str = "lost", force_retry: bool = False,
 ) -> SweepReport:
     """Retry (or fail, when out of attempts) every `doing` job whose worker is gone.
 
@@ -121,7 +121,7 @@ def recover_stalled_jobs(
                 )
                 verdict = end_attempt(
                     cursor, job_id=job_id, task_name=task_name, attempts_done=attempts + 1,
-                    outcome=outcome, error_type="WorkerLost", message=message,
+                    outcome=outcome, error_type="WorkerLost", message=message, force_retry=force_retry,
                 )
                 (retried if verdict == "retried" else failed).append(job_id)
         if len(rows) < batch:

@@ -26,6 +26,7 @@ whose job row disappeared before it ran (`job_id` NULL) is deferred again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from croniter import croniter
+from croniter import croniter  # type: ignore[import-untyped]
 from django.conf import settings
 from django.db import connection
 
@@ -63,17 +64,17 @@ class Schedule:
         itr = croniter(self.cron, start)
         ticks: list[int] = []
         while True:
-            tick = int(round(itr.get_next(float)))
+            tick = round(itr.get_next(float))
             if tick > end:
                 return ticks
             if tick > start:
                 ticks.append(tick)
 
     def previous_tick(self, at: float) -> int:
-        return int(round(croniter(self.cron, at).get_prev(float)))
+        return round(croniter(self.cron, at).get_prev(float))
 
     def next_tick(self, at: float) -> int:
-        return int(round(croniter(self.cron, at).get_next(float)))
+        return round(croniter(self.cron, at).get_next(float))
 
 
 _SCHEDULES: dict[tuple[str, str], Schedule] = {}
@@ -296,7 +297,5 @@ async def run_deferrer(connector: Any, *, stop: asyncio.Event) -> None:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
 
 import psycopg
 import psycopg_pool
@@ -14,7 +13,6 @@ from procrastinate import exceptions as procrastinate_exceptions
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,  # includes AdminShutdown, "connection is closed", refused connects
@@ -48,7 +46,7 @@ def backoff_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
         delay = min(delay * 2, cap)
 
 
-async def until_connected(
+async def until_connected[T](
     operation: Callable[[], Awaitable[T]],
     *,
     what: str,

@@ -53,10 +53,18 @@ WHERE job_id = %(job_id)s
 
 
 def install(procrastinate_app: Any) -> None:
-    """PROCRASTINATE_ON_APP_READY: wrap every job of every worker in `record_job`."""
+    """PROCRASTINATE_ON_APP_READY: wrap every job of every worker in `record_job` and its time limits."""
+    from jobs.timelimits import enforce_time_limits, track_thread
+
     middlewares = list(procrastinate_app.worker_defaults.get("worker_middleware") or [])
     if record_job not in middlewares:
-        procrastinate_app.worker_defaults["worker_middleware"] = [record_job, *middlewares]
+        middlewares = [record_job, *middlewares]
+    if enforce_time_limits not in middlewares:
+        middlewares.insert(middlewares.index(record_job) + 1, enforce_time_limits)
+    procrastinate_app.worker_defaults["worker_middleware"] = middlewares
+    task_middlewares = list(procrastinate_app.worker_defaults.get("task_middleware") or [])
+    if track_thread not in task_middlewares:
+        procrastinate_app.worker_defaults["task_middleware"] = [*task_middlewares, track_thread]
 
 
 def build_context(context: ProcrastinateContext) -> JobContext:

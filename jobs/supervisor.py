@@ -1,0 +1,268 @@
+"""The worker supervisor: N worker processes, restarted when they die, stopped with the signals it gets.
+
+`manage.py worker --processes N` runs this in the foreground. Each child is `manage.py worker
+--child` (one `SkiplockWorker` with its own event loop and pool) and reports on a pipe when
+it registers and when each job starts and ends. The supervisor:
+
+- forwards SIGTERM/SIGINT to every child (a second signal is forwarded too: children then
+  requeue their running jobs at once) and exits 0 once all children stopped cleanly;
+- restarts a child that dies, with a growing delay if it keeps dying young (no crash loop),
+  and takes back at once the jobs the dead child was running (attempt outcome `lost`) instead
+  of waiting for the stalled-job timeout;
+- kills a child running a job past its hard time limit (a CPU loop never yields), records
+  that job failed with "hard time limit exceeded" and retries it by its policy, requeues the
+  other jobs of that child, and starts a fresh child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+
+from jobs import maintenance
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+HARD_LIMIT_MARGIN = 0.5  # seconds past the limit before the kill (reports travel through a pipe)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    index: int
+    process: subprocess.Popen[bytes]
+    read_fd: int
+    started: float = field(default_factory=time.monotonic)
+    worker_ids: list[int] = field(default_factory=list)
+    jobs: dict[int, float] = field(default_factory=dict)  # job id → hard deadline (monotonic)
+    buffer: bytes = b""
+    killed_for: int | None = None  # job id whose hard limit got this child killed
+
+
+@dataclass
+class Supervisor:
+    processes: int
+    queues: list[str]
+    concurrency: int
+    name: str
+    shutdown_grace: float | None = None
+    children: dict[int, Child] = field(default_factory=dict)
+    stopping: int = 0
+    failures: dict[int, int] = field(default_factory=dict)
+    restart_at: dict[int, float] = field(default_factory=dict)
+    pending_recoveries: list[tuple[list[int], int | None, float]] = field(default_factory=list)
+    restarts: int = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        logger.info("supervisor %s (pid %s): %d process(es) × concurrency %d on %s", self.name, os.getpid(),
+                    self.processes, self.concurrency, ", ".join(self.queues) or "all queues")
+        for index in range(self.processes):
+            self._spawn(index)
+        clean = True
+        while self.children or (not self.stopping and self.restart_at):
+            self._pump(timeout=0.1)
+            clean = self._reap() and clean
+            self._enforce_hard_limits()
+            self._recover_pending()
+            if not self.stopping:
+                self._restart_due()
+        for worker_ids, timed_out_job, _ in self.pending_recoveries:
+            try:
+                self._recover(worker_ids, timed_out_job)
+            except Exception:
+                logger.warning("could not take back the jobs of workers %s; the stalled-job sweeper will", worker_ids)
+        close_old_connections()
+        logger.info("supervisor %s stopped", self.name)
+        return 0 if clean else 1
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping += 1
+        logger.info("%s received: stopping %d worker process(es)%s", signal.Signals(signum).name,
+                    len(self.children), " now" if self.stopping > 1 else "")
+        self.restart_at.clear()
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+
+    def child_name(self, index: int) -> str:
+        return self.name if self.processes == 1 else f"{self.name}-{index + 1}"
+
+    def _spawn(self, index: int) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        command = [
+            sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "worker", "--child",
+            "--queues", ",".join(self.queues), "--concurrency", str(self.concurrency),
+            "--name", self.child_name(index), "--processes", str(self.processes),
+        ]
+        if self.shutdown_grace is not None:
+            command += ["--shutdown-grace", str(self.shutdown_grace)]
+        env = {**os.environ, "SKIPLOCK_SUPERVISOR_FD": str(write_fd)}
+        process = subprocess.Popen(
+            command, pass_fds=[write_fd], env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=str(settings.BASE_DIR),
+        )
+        os.close(write_fd)
+        self.children[index] = Child(index=index, process=process, read_fd=read_fd)
+        logger.info("started worker process %s (pid %s)", self.child_name(index), process.pid)
+
+    # -- reports from children -----------------------------------------------------------------
+    def _pump(self, timeout: float) -> None:
+        fds = {child.read_fd: child for child in self.children.values()}
+        if not fds:
+            time.sleep(timeout)
+            return
+        try:
+            ready, _, _ = select.select(list(fds), [], [], timeout)
+        except InterruptedError:
+            return
+        for fd in ready:
+            self._read(fds[fd])
+
+    def _read(self, child: Child) -> None:
+        while True:
+            try:
+                chunk = os.read(child.read_fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            child.buffer += chunk
+        *lines, child.buffer = child.buffer.split(b"\n")
+        now = time.monotonic()
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "worker":
+                child.worker_ids.append(int(event["worker_id"]))
+            elif kind == "start":
+                child.jobs[int(event["job_id"])] = now + float(event["hard_time_limit"]) + HARD_LIMIT_MARGIN
+            elif kind == "end":
+                child.jobs.pop(int(event["job_id"]), None)
+
+    # -- dead children -------------------------------------------------------------------------
+    def _reap(self) -> bool:
+        clean = True
+        for index, child in list(self.children.items()):
+            code = child.process.poll()
+            if code is None:
+                continue
+            self._read(child)
+            os.close(child.read_fd)
+            del self.children[index]
+            if child.killed_for is None and (code != 0 or not self.stopping):
+                how = f"signal {-code}" if code < 0 else f"code {code}"
+                logger.error("worker process %s (pid %s) died (%s) running %d job(s)",
+                             self.child_name(index), child.process.pid, how, len(child.jobs))
+                if child.worker_ids:
+                    self.pending_recoveries.append((child.worker_ids, None, 0.0))
+            if code != 0 and child.killed_for is None:
+                clean = False
+            if not self.stopping:
+                lived = time.monotonic() - child.started
+                failures = 0 if lived > 30 else self.failures.get(index, 0) + 1
+                self.failures[index] = failures
+                delay = 0.0 if child.killed_for is not None or failures <= 1 else min(30.0, 0.5 * 2 ** (failures - 1))
+                self.restart_at[index] = time.monotonic() + delay
+                if delay:
+                    logger.warning("restarting %s in %.1f s (it died %d times in a row)", self.child_name(index),
+                                   delay, failures)
+        return clean
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self.restart_at.items()):
+            if when <= now:
+                del self.restart_at[index]
+                self.restarts += 1
+                self._spawn(index)
+
+    # -- hard time limits ----------------------------------------------------------------------
+    def _enforce_hard_limits(self) -> None:
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.killed_for is not None:
+                continue
+            overdue = [job_id for job_id, deadline in child.jobs.items() if deadline <= now]
+            if not overdue:
+                continue
+            job_id = overdue[0]
+            logger.error("job %s ran past its hard time limit: killing worker process %s (pid %s)",
+                         job_id, self.child_name(child.index), child.process.pid)
+            child.killed_for = job_id
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            child.process.wait()
+            self.pending_recoveries.append((child.worker_ids, job_id, 0.0))
+
+    def _recover_pending(self) -> None:
+        now = time.monotonic()
+        still: list[tuple[list[int], int | None, float]] = []
+        for worker_ids, timed_out_job, not_before in self.pending_recoveries:
+            if not_before > now:
+                still.append((worker_ids, timed_out_job, not_before))
+                continue
+            try:
+                self._recover(worker_ids, timed_out_job)
+            except Exception as exc:
+                logger.warning("could not take back the jobs of workers %s yet (%s); retrying", worker_ids, exc)
+                with contextlib.suppress(Exception):
+                    connection.close()
+                still.append((worker_ids, timed_out_job, now + 2.0))
+        self.pending_recoveries = still
+
+    def _recover(self, worker_ids: list[int], timed_out_job: int | None) -> None:
+        if timed_out_job is not None:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT task_name, attempts FROM procrastinate_jobs "
+                    "WHERE id = %s AND status = 'doing' AND worker_id = ANY(%s) FOR UPDATE",
+                    [timed_out_job, worker_ids],
+                )
+                row = cursor.fetchone()
+                if row is not None:
+                    spec_limit = _hard_limit(row[0])
+                    verdict = maintenance.end_attempt(
+                        cursor, job_id=timed_out_job, task_name=row[0], attempts_done=row[1] + 1,
+                        outcome="timed_out", error_type="HardTimeLimitExceeded",
+                        message=f"hard time limit exceeded ({spec_limit:g} s): the worker process running it was killed",
+                    )
+                    logger.error("job %s: hard time limit exceeded, %s", timed_out_job, verdict)
+        reason = (
+            f"the worker process was killed because job {timed_out_job} exceeded its hard time limit; requeued"
+            if timed_out_job is not None else None
+        )
+        maintenance.recover_stalled_jobs(worker_ids=worker_ids, reason=reason, outcome="lost",
+                                         force_retry=timed_out_job is not None)
+
+
+def _hard_limit(task_name: str) -> float:
+    from jobs.registry import DEFAULT_HARD_TIME_LIMIT, find_task
+
+    spec = find_task(task_name)
+    return spec.hard_time_limit if spec else DEFAULT_HARD_TIME_LIMIT
