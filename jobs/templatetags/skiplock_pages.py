@@ -1,0 +1,73 @@
+"""Template tags for embedding Skiplock's job status in any template (see docs/pages.md).
+
+    {% load skiplock_pages %}
+    <head>… {% skiplock_assets %} …</head>
+    {% skiplock_job_status report.job_id %}      {# full card: badge, progress, result/error #}
+    {% skiplock_job_status report.job_id compact=True %}   {# one line: badge and progress #}
+
+Access follows the pages' rule: staff see every job, other users their own; a job the visitor
+may not see renders as "not available", exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import template
+from django.templatetags.static import static
+from django.utils.html import format_html
+
+from jobs import pages
+from jobs.models import JobRecord
+from jobs.states import colour, label
+
+register = template.Library()
+
+
+@register.inclusion_tag("jobs/components/job_status.html", takes_context=True)
+def skiplock_job_status(
+    context: template.Context, job: Any, *, compact: bool = False, heading: bool = True
+) -> dict[str, Any]:
+    """The live status component of one job (an id, a JobRecord or a JobView)."""
+    request = context.get("request")
+    user = getattr(request, "user", None)
+    view: pages.JobView | None
+    if isinstance(job, pages.JobView):
+        view = job
+    elif isinstance(job, JobRecord):
+        view = pages.job_view(job, user) if pages.visible_jobs(user).filter(pk=job.pk).exists() else None
+    else:
+        try:
+            job_id = int(job)
+        except (TypeError, ValueError):
+            view = None
+        else:
+            record = pages.visible_jobs(user).filter(pk=job_id).first()
+            view = pages.job_view(record, user) if record is not None else None
+    return {
+        "job": view, "compact": compact, "heading": heading, "request": request,
+        "return_to": request.get_full_path() if request is not None else "",
+    }
+
+
+@register.simple_tag
+def skiplock_assets() -> str:
+    """The component's stylesheet and script (plain files, no build step)."""
+    return format_html(
+        '<link rel="stylesheet" href="{}">\n'
+        '<script src="{}" defer data-skiplock-states="{}"></script>',
+        static("skiplock/pages/pages.css"),
+        static("skiplock/pages/jobs.js"),
+        pages.states_json(),
+    )
+
+
+@register.inclusion_tag("jobs/components/job_badge.html")
+def skiplock_state_badge(display_state: str) -> dict[str, str]:
+    """A coloured badge for one display state."""
+    return {"state": display_state, "label": label(display_state), "colour": colour(display_state)}
+
+
+@register.filter
+def skiplock_duration(seconds: float | None) -> str:
+    return "" if seconds is None else pages.format_duration(float(seconds))
