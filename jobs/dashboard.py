@@ -380,59 +380,13 @@ def workers(*, now: dt.datetime | None = None) -> list[dict[str, Any]]:
 
 # --- periodic schedules ---------------------------------------------------------------------------
 
-_SCHEDULE_KEYS = ("task", "periodic_id", "cron", "next_run", "last_run", "last_job_id", "last_state", "queue",
-                  "description", "enabled")
-
 
 def periodic_rows(*, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Each periodic schedule with its next run, last run and that run's outcome.
+    """Each periodic schedule with its next run, last run and that run's outcome (jobs.periodic)."""
+    from jobs.periodic import periodic_schedules
 
-    `jobs.periodic.periodic_schedules()` is the source when the app has it; otherwise procrastinate's
-    periodic registry and its `procrastinate_periodic_defers` table answer the same questions.
-    """
-    try:
-        from jobs.periodic import periodic_schedules  # type: ignore[attr-defined]
-    except ImportError:
-        return _periodic_from_procrastinate(now=now or timezone.now())
     rows = []
-    for item in periodic_schedules():
-        get = item.get if isinstance(item, dict) else (lambda k, default=None, _i=item: getattr(_i, k, default))
-        row = {key: get(key) for key in _SCHEDULE_KEYS}
-        row["task"] = row["task"] or get("task_name") or get("name")
-        row["last_state"] = row["last_state"] or get("last_outcome") or get("last_status")
-        row["next_run"] = row["next_run"] or get("next_run_at")
-        row["last_run"] = row["last_run"] or get("last_run_at")
-        rows.append(row)
-    return rows
-
-
-def _periodic_from_procrastinate(*, now: dt.datetime) -> list[dict[str, Any]]:
-    from croniter import croniter
-    from procrastinate.contrib.django import app
-
-    registry = getattr(app, "periodic_registry", None)
-    tasks = list(registry.periodic_tasks.values()) if registry else []
-    last = {
-        (task, pid): (ts, job_id, state)
-        for task, pid, ts, job_id, state in _rows(
-            """
-            SELECT DISTINCT ON (d.task_name, d.periodic_id) d.task_name, d.periodic_id, d.defer_timestamp,
-                   d.job_id, j.state
-            FROM procrastinate_periodic_defers d LEFT JOIN skiplock_job j ON j.job_id = d.job_id
-            ORDER BY d.task_name, d.periodic_id, d.defer_timestamp DESC
-            """
-        )
-    }
-    rows = []
-    for periodic in tasks:
-        ts, job_id, state = last.get((periodic.task.name, periodic.periodic_id), (None, None, None))
-        spec = find_task(periodic.task.name)
-        rows.append({
-            "task": periodic.task.name, "periodic_id": periodic.periodic_id, "cron": periodic.cron,
-            "next_run": croniter(periodic.cron, now).get_next(dt.datetime),
-            "last_run": dt.datetime.fromtimestamp(ts, dt.UTC) if ts else None,
-            "last_job_id": job_id, "last_state": state,
-            "queue": periodic.configure_kwargs.get("queue") or (spec.queue if spec else periodic.task.queue),
-            "description": spec.description if spec else "", "enabled": True,
-        })
-    return sorted(rows, key=lambda r: (r["task"], r["periodic_id"]))
+    for item in periodic_schedules(now=now):
+        spec = find_task(item["task_name"])
+        rows.append({**item, "description": spec.description.splitlines()[0] if spec and spec.description else ""})
+    return sorted(rows, key=lambda r: (r["task_name"], r["periodic_id"]))

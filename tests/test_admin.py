@@ -245,7 +245,7 @@ def test_the_dashboard_shows_counts_charts_and_the_no_worker_alert() -> None:
     assert page.count('<svg class="sl-chart"') == 2
     assert 'data-alert="no_live_worker"' in page
     assert 'data-alert="failure_rate"' in page  # one job finished in the hour, and it failed
-    assert "deploy_stack" in page and "optimize_route" in page
+    assert "?queue=default" in page and "?queue=cpu" in page  # both queues, with their counts
 
 
 def test_the_queue_depth_alert_uses_the_setting(admin_client: Client, settings: object) -> None:

@@ -392,7 +392,7 @@ class JobRecordAdmin(admin.ModelAdmin):
             "progress_bar": progress_bar(record.progress, record.state),
             "final": record.state in FINAL_STATES,
             "max_attempts": selectors.job_max_attempts(record),
-            "spec": spec,
+            "limits": {"soft": spec.soft_time_limit, "hard": spec.hard_time_limit} if spec else None,
             "args_json": json.dumps(record.args, indent=2, sort_keys=True, ensure_ascii=False),
             "result_json": (json.dumps(record.result, indent=2, sort_keys=True, ensure_ascii=False)
                             if record.result is not None else None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from django.conf import settings
@@ -106,8 +107,9 @@ def periodic_view(request: HttpRequest) -> HttpResponse:
         rows.append({
             **row,
             "last_badge": badge(state) if state in {s.value for s in DISPLAY} else None,
-            "next_in": short_duration((row["next_run"] - now).total_seconds()) if row.get("next_run") else "—",
-            "last_ago": _age(now, row.get("last_run")) if row.get("last_run") else "never",
+            "next_in": short_duration((row["next_run_at"] - now).total_seconds()) if row["next_run_at"] else "—",
+            "last_ago": _age(now, row["last_run_at"]) if row["last_run_at"] else "",
+            "args_json": json.dumps(row["args"], sort_keys=True) if row.get("args") else "",
         })
     context = {**_context(request, "Periodic tasks"), "schedules": rows,
                "jobs_url": reverse("admin:jobs_jobrecord_changelist")}

@@ -59,7 +59,7 @@
     var opened = false;
     var source = new EventSource(root.dataset.eventsUrl, { withCredentials: true });
     var onEvent = function (e) { try { apply(JSON.parse(e.data)); } catch (err) { /* keep-alive or non-JSON */ } };
-    ["message", "progress", "state", "job", "snapshot", "update"].forEach(function (name) {
+    ["message", "progress", "state", "end", "job", "snapshot", "update"].forEach(function (name) {
       source.addEventListener(name, onEvent);
     });
     source.onopen = function () { opened = true; mode.textContent = "live"; };
