@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from django.db import connection
+from django.db.models import Q
 
 from jobs.exceptions import JobNotFound
 from jobs.models import JobAttempt, JobRecord
@@ -42,3 +43,34 @@ def time_since(moment: dt.datetime | None) -> float | None:
     if moment is None:
         return None
     return (dt.datetime.now(dt.UTC) - moment).total_seconds()
+
+
+def state_filter(state: str, *, now: dt.datetime | None = None) -> Q:
+    """The rows in a stored state, or in a display state (scheduled / retrying refine `todo`).
+
+    Mirrors `jobs.states.display_state`: retrying = waiting after an attempt; scheduled =
+    waiting for a future run time, never attempted. `todo` means every waiting job.
+    """
+    from jobs.states import DisplayState, State
+
+    wanted = DisplayState(state)
+    now = now or dt.datetime.now(dt.UTC)
+    if wanted == DisplayState.RETRYING:
+        return Q(state=State.TODO, attempts__gt=0)
+    if wanted == DisplayState.SCHEDULED:
+        return Q(state=State.TODO, attempts=0, scheduled_at__gt=now)
+    return Q(state=str(wanted))
+
+
+def job_list(
+    *, task: str | None = None, state: str | None = None, queue: str | None = None, limit: int = 20
+) -> list[JobRecord]:
+    """The newest jobs matching the filters (index-backed: state, task or queue with -job_id)."""
+    records = JobRecord.objects.order_by("-job_id")
+    if task:
+        records = records.filter(task_name=task)
+    if queue:
+        records = records.filter(queue_name=queue)
+    if state:
+        records = records.filter(state_filter(state))
+    return list(records[:limit])

@@ -48,9 +48,13 @@ def run_jobs(
     for _ in range(max_rounds):
         if include_scheduled:
             _make_scheduled_runnable(queues)
+        round_start = _attempt_count()
         _in_fresh_loop(run_worker(queues=queues, concurrency=concurrency, wait=False,
                                   install_signal_handlers=False, **options))
-        if not include_scheduled or not _waiting(queues):
+        # A worker with wait=False stops at the first empty fetch, which can come while a
+        # job is only held back by a `lock` another job held: go on while jobs still move.
+        progressed = _attempt_count() > round_start
+        if not progressed or not _waiting(queues, runnable_only=not include_scheduled):
             break
     return _attempt_count() - before
 
@@ -102,8 +106,10 @@ def _make_scheduled_runnable(queues: list[str] | None) -> None:
         )
 
 
-def _waiting(queues: list[str] | None) -> bool:
+def _waiting(queues: list[str] | None, *, runnable_only: bool = False) -> bool:
     where, params = _queue_filter(queues)
+    if runnable_only:
+        where += " AND (scheduled_at IS NULL OR scheduled_at <= now())"
     with connection.cursor() as cursor:
         cursor.execute("SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status = 'todo'" + where + ")", params)
         return bool(cursor.fetchone()[0])

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
+
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from jobs import services
-from jobs.exceptions import IdempotencyConflict, InvalidArguments, InvalidTransition, TaskNotFound
+from jobs.exceptions import (
+    AlreadyQueued,
+    IdempotencyConflict,
+    InvalidArguments,
+    InvalidTransition,
+    JobNotFound,
+    TaskNotFound,
+)
 from jobs.models import JobAttempt, JobRecord
 from jobs.testing import run_jobs
+from tests.core_fixtures import wait_for_state, worker_in_background
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,3 +122,166 @@ def test_batch_defer_is_all_or_nothing() -> None:
     assert JobRecord.objects.count() == 0
     jobs = services.job_defer_batch(requests=[good, good])
     assert len({j.job_id for j in jobs}) == 2
+
+
+# --- locks, idempotency, batches, transitions (test tasks from tests/core_fixtures.py) ----------
+
+
+def test_a_queueing_lock_allows_one_waiting_job_per_key() -> None:
+    first = services.job_defer(task_name="tests.core.unique", args={"key": "a"})
+    with pytest.raises(AlreadyQueued, match="already waiting"):
+        services.job_defer(task_name="tests.core.unique", args={"key": "a"})
+    other_key = services.job_defer(task_name="tests.core.unique", args={"key": "b"})
+    # The refused start poisoned nothing: the caller's transaction goes on.
+    with transaction.atomic():
+        with pytest.raises(AlreadyQueued):
+            services.job_defer(task_name="tests.core.unique", args={"key": "a"})
+        inside = services.job_defer(task_name="tests.core.unique", args={"key": "c"})
+    assert JobRecord.objects.filter(pk=inside.job_id).exists()
+    run_jobs(queues=["core-tests"])
+    # Once the waiting job ran, the key is free again.
+    again = services.job_defer(task_name="tests.core.unique", args={"key": "a"})
+    assert again.job_id not in (first.job_id, other_key.job_id)
+
+
+def test_retrying_a_failed_job_whose_queueing_lock_is_taken_is_refused_cleanly() -> None:
+    failed = services.job_defer(task_name="tests.core.unique", args={"key": "k", "fail": True})
+    run_jobs(queues=["core-tests"])
+    assert JobRecord.objects.get(pk=failed.job_id).state == "failed"
+    services.job_defer(task_name="tests.core.unique", args={"key": "k"})
+    with pytest.raises(AlreadyQueued, match=f"cannot retry job {failed.job_id}"):
+        services.job_retry(job_id=failed.job_id)
+    assert JobRecord.objects.get(pk=failed.job_id).state == "failed"
+
+
+def test_jobs_sharing_a_lock_never_overlap_even_with_two_workers_slots() -> None:
+    for label in "abc":
+        services.job_defer(task_name="tests.core.locked", args={"resource": "db", "hold": 0.3, "label": label})
+    # A job on another resource may run beside them: this shows that concurrency 2 is real.
+    services.job_defer(task_name="tests.core.locked", args={"resource": "other", "hold": 0.3, "label": "x"})
+    run_jobs(queues=["core-tests"], concurrency=2)
+    results = [r.result for r in JobRecord.objects.filter(task_name="tests.core.locked", state="succeeded")]
+    assert len(results) == 4
+    same = sorted((r for r in results if r["resource"] == "db"), key=lambda r: r["started"])
+    for before, after in zip(same, same[1:], strict=False):
+        assert before["finished"] <= after["started"], (before, after)
+    other = next(r for r in results if r["resource"] == "other")
+    assert any(r["started"] < other["finished"] and other["started"] < r["finished"] for r in same)
+
+
+def test_concurrent_starts_with_one_idempotency_key_make_one_job() -> None:
+    barrier = threading.Barrier(6)
+    answers: list[int] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            job = services.job_defer(task_name="tests.core.echo", args={"value": 3}, idempotency_key="race")
+            answers.append(job.job_id)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(answers) == 6
+    assert len(set(answers)) == 1
+    assert JobRecord.objects.filter(idempotency_key="race").count() == 1
+    assert JobRecord.objects.count() == 1
+
+
+def test_an_idempotency_key_names_one_job_across_tasks_too() -> None:
+    services.job_defer(task_name="tests.core.echo", args={"value": 1}, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict, match="idempotency key 'k' was used for job"):
+        services.job_defer(task_name="tests.core.aecho", args={"value": 1}, idempotency_key="k")
+    # Arguments are compared after validation: the same values, written differently, match.
+    same = services.job_defer(task_name="tests.core.echo", args={"value": "1"}, idempotency_key="k")
+    assert not same.created
+
+
+def test_batch_defer_inserts_any_number_of_jobs_in_one_statement() -> None:
+    def statements(count: int) -> list[str]:
+        requests = [services.DeferRequest(task_name="tests.core.echo", args={"value": i}) for i in range(count)]
+        with CaptureQueriesContext(connection) as queries:
+            jobs = services.job_defer_batch(requests=requests)
+        assert len(jobs) == count
+        control = ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE SAVEPOINT")
+        return [q["sql"] for q in queries.captured_queries if not q["sql"].startswith(control)]
+
+    one, many = statements(1), statements(500)
+    assert len(one) == len(many) == 1
+    assert "procrastinate_defer_jobs_v1" in many[0]
+    assert JobRecord.objects.filter(task_name="tests.core.echo").count() == 501
+
+
+def test_a_batch_joins_the_callers_transaction() -> None:
+    requests = [services.DeferRequest(task_name="tests.core.echo", args={"value": i}) for i in range(3)]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.job_defer_batch(requests=requests)
+        raise RuntimeError("roll back")
+    assert JobRecord.objects.count() == 0
+
+
+def test_transitions_in_the_wrong_state_name_the_real_state() -> None:
+    job = services.job_defer(task_name="tests.core.echo")
+    for action in (services.job_retry, services.job_run_now):
+        with pytest.raises(InvalidTransition) as excinfo:
+            action(job_id=job.job_id)
+        assert excinfo.value.state == "todo"
+    run_jobs(queues=["core-tests"])
+    for action in (services.job_cancel, services.job_abort, services.job_retry, services.job_run_now):
+        with pytest.raises(InvalidTransition) as excinfo:
+            action(job_id=job.job_id)
+        assert excinfo.value.state == "succeeded"
+        assert excinfo.value.message.endswith(f"job {job.job_id}: it is succeeded")
+    with pytest.raises(JobNotFound):
+        services.job_cancel(job_id=10**12)
+
+
+def test_aborting_a_waiting_job_cancels_it() -> None:
+    job = services.job_defer(task_name="tests.core.echo")
+    assert services.job_abort(job_id=job.job_id) == "cancelled"
+    assert JobRecord.objects.get(pk=job.job_id).state == "cancelled"
+    assert run_jobs(queues=["core-tests"]) == 0
+
+
+def test_deleting_a_running_job_is_refused_and_a_finished_one_goes_with_its_history() -> None:
+    job = services.job_defer(task_name="tests.core.wait_for_abort", args={"timeout": 20})
+    with worker_in_background(queues=["core-tests"]):
+        wait_for_state(job.job_id, "doing")
+        with pytest.raises(InvalidTransition) as excinfo:
+            services.job_delete(job_id=job.job_id)
+        assert excinfo.value.state == "doing"
+        services.job_abort(job_id=job.job_id)
+    services.job_delete(job_id=job.job_id)
+    assert not JobRecord.objects.filter(pk=job.job_id).exists()
+    assert not JobAttempt.objects.filter(job_id=job.job_id).exists()
+    with pytest.raises(JobNotFound):
+        services.job_delete(job_id=job.job_id)
+
+
+def test_run_now_makes_a_scheduled_job_runnable() -> None:
+    later = services.job_defer(task_name="tests.core.echo", delay_seconds=3600)
+    record = JobRecord.objects.get(pk=later.job_id)
+    assert record.display_state == "scheduled"
+    assert run_jobs(queues=["core-tests"]) == 0
+    assert services.job_run_now(job_id=later.job_id) == "todo"
+    assert JobRecord.objects.get(pk=later.job_id).display_state == "todo"
+    assert run_jobs(queues=["core-tests"]) == 1
+    assert JobRecord.objects.get(pk=later.job_id).state == "succeeded"
+
+
+def test_run_at_needs_a_time_zone_and_cannot_come_with_a_delay() -> None:
+    with pytest.raises(InvalidArguments, match="must include a time zone"):
+        services.job_defer(task_name="tests.core.echo", run_at=dt.datetime(2030, 1, 1))
+    with pytest.raises(InvalidArguments, match="not both"):
+        services.job_defer(task_name="tests.core.echo", run_at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+                           delay_seconds=5)
+    at = services.job_defer(task_name="tests.core.echo", run_at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    assert JobRecord.objects.get(pk=at.job_id).scheduled_at == dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
