@@ -193,3 +193,13 @@ SKIPLOCK_PERIODIC_MAX_DELAY = env_float("SKIPLOCK_PERIODIC_MAX_DELAY", 600.0, mi
 SKIPLOCK_FETCH_POLL_INTERVAL = env_float("SKIPLOCK_FETCH_POLL_INTERVAL", 5.0, minimum=0.05)
 # Extra modules of tasks every worker imports (e.g. "myapp.jobs"), beside each app's tasks.py.
 SKIPLOCK_IMPORT_PATHS = env_list("SKIPLOCK_IMPORT_PATHS", [])
+
+# --- REST API, live events, health and metrics (jobs/api.py, jobs/events.py, jobs/health.py) -----
+# Seconds between SSE heartbeat comments on an idle stream.
+SKIPLOCK_SSE_HEARTBEAT = env_float("SKIPLOCK_SSE_HEARTBEAT", 15.0, minimum=0.5)
+# Connections each web process uses to read job snapshots for its SSE streams (beside one LISTEN).
+SKIPLOCK_EVENTS_POOL_SIZE = env_int("SKIPLOCK_EVENTS_POOL_SIZE", 2, minimum=1)
+# A worker is live when its heartbeat is more recent than this (readiness, metrics, alerts).
+SKIPLOCK_WORKER_LIVE_AFTER = env_float(
+    "SKIPLOCK_WORKER_LIVE_AFTER", max(30.0, 3 * SKIPLOCK_HEARTBEAT_INTERVAL), minimum=1.0
+)
