@@ -11,13 +11,11 @@ import pytest
 from jobs import services
 from jobs.models import JobAttempt, JobRecord
 from jobs.testing import run_jobs
-from tests.core_fixtures import (  # noqa: F401  (fixtures)
-    drain,
-    listener,
-    wait_for_state,
-    worker_in_background,
-    write_counter,
-)
+from tests import core_fixtures
+from tests.core_fixtures import drain, wait_for_state, worker_in_background
+
+listener = core_fixtures.listener
+write_counter = core_fixtures.write_counter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

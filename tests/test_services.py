@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -160,10 +162,12 @@ def test_jobs_sharing_a_lock_never_overlap_even_with_two_workers_slots() -> None
     # A job on another resource may run beside them: this shows that concurrency 2 is real.
     services.job_defer(task_name="tests.core.locked", args={"resource": "other", "hold": 0.3, "label": "x"})
     run_jobs(queues=["core-tests"], concurrency=2)
-    results = [r.result for r in JobRecord.objects.filter(task_name="tests.core.locked", state="succeeded")]
+    results: list[dict[str, Any]] = [
+        r.result or {} for r in JobRecord.objects.filter(task_name="tests.core.locked", state="succeeded")
+    ]
     assert len(results) == 4
     same = sorted((r for r in results if r["resource"] == "db"), key=lambda r: r["started"])
-    for before, after in zip(same, same[1:], strict=False):
+    for before, after in itertools.pairwise(same):
         assert before["finished"] <= after["started"], (before, after)
     other = next(r for r in results if r["resource"] == "other")
     assert any(r["started"] < other["finished"] and other["started"] < r["finished"] for r in same)
