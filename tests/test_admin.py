@@ -12,7 +12,13 @@ from django.urls import reverse
 from jobs import services
 from jobs.models import ApiKey, JobRecord
 from jobs.states import DISPLAY, DisplayState
-from tests.admin_fixtures import QUICK_DEPLOY, console_urlconf, failed_deploy_job, insert_jobs, make_user
+from tests.admin_fixtures import (
+    QUICK_DEPLOY,
+    console_urlconf,
+    failed_deploy_job,
+    insert_jobs,
+    make_user,
+)
 
 LIST = "/admin/jobs/jobrecord/"
 PAGES = [LIST, "/admin/jobs/dashboard/", "/admin/jobs/workerinfo/", "/admin/jobs/periodic/", "/admin/jobs/apikey/"]
@@ -92,7 +98,8 @@ def test_retry_asks_for_confirmation_then_retries_through_the_service_and_logs(a
     page = post_action(admin_client, "retry_jobs", failed + succeeded, confirm=False)
     assert page.status_code == 200  # type: ignore[attr-defined]
     text = page.content.decode()  # type: ignore[attr-defined]
-    assert "2 of 3 selected job(s)" in text and 'name="confirm" value="yes"' in text
+    assert "2 of 3 selected job(s)" in text
+    assert 'name="confirm" value="yes"' in text
     assert JobRecord.objects.get(pk=failed[0]).state == "failed"  # nothing changed yet
 
     response = post_action(admin_client, "retry_jobs", failed + succeeded, confirm=True)
@@ -100,7 +107,7 @@ def test_retry_asks_for_confirmation_then_retries_through_the_service_and_logs(a
     assert set(JobRecord.objects.filter(pk__in=failed).values_list("state", flat=True)) == {"todo"}
     assert JobRecord.objects.get(pk=succeeded[0]).state == "succeeded"
     entries = LogEntry.objects.filter(action_flag=CHANGE)
-    assert sorted(int(e.object_id) for e in entries) == sorted(failed)
+    assert sorted(int(e.object_id or 0) for e in entries) == sorted(failed)
     messages = [m.message for m in response.wsgi_request._messages]  # type: ignore[attr-defined]
     assert any(m.startswith("Retried 2 job(s)") for m in messages)
     assert f"Cannot retry job {succeeded[0]}: it is succeeded." in messages
@@ -156,7 +163,7 @@ def test_django_bulk_delete_and_the_delete_page_are_not_offered(admin_client: Cl
 
 def test_every_display_state_has_a_filter_and_a_badge(admin_client: Client) -> None:
     page = admin_client.get(LIST).content.decode()
-    for state, (text, _colour) in DISPLAY.items():
+    for state, (_text, _colour) in DISPLAY.items():
         assert f"?state={state.value}" in page, state
     for status in ("todo", "doing", "succeeded", "failed", "cancelled", "aborted"):
         insert_jobs(1, status=status)
@@ -201,8 +208,9 @@ def test_the_list_pins_its_query_count_whatever_the_page_size(admin_client: Clie
             with CaptureQueriesContext(connection) as queries:
                 assert admin_client.get(LIST, params).status_code == 200
             counts.append(len(queries))
-    # session + user + task/queue names + count + page rows; no query per row, no COUNT(*) of the table
-    assert counts == [5] * 6, counts
+    # session + user + task/queue names + count + page rows (+ the newest id for a search in the
+    # arguments); no query per row, no COUNT(*) of the table
+    assert counts == [5, 5, 6] * 2, counts
     with django_assert_num_queries(5):  # type: ignore[operator]
         admin_client.get(LIST, {"state": "succeeded"})
 
@@ -224,13 +232,16 @@ def test_the_detail_shows_arguments_attempts_traceback_and_timeline() -> None:
     client = client_for(make_user("root", superuser=True))
     job_id = failed_deploy_job()
     page = client.get(f"{LIST}{job_id}/change/").content.decode()
-    assert "DeployStepFailed" in page and "Traceback (most recent call last)" in page
+    assert "DeployStepFailed" in page
+    assert "Traceback (most recent call last)" in page
     assert "&quot;fail_at_step&quot;: 1" in page  # pretty JSON arguments
     assert page.count("sl-badge sl-orange") >= 3  # three retried attempts, then the failed one
-    assert "deferred for retry" in page and "failed" in page
+    assert "deferred for retry" in page
+    assert "failed" in page
     assert f'href="/api/jobs/{job_id}"' in page
     status = client.get(f"{LIST}{job_id}/status.json").json()
-    assert status["state"] == "failed" and status["final"] is True
+    assert status["state"] == "failed"
+    assert status["final"] is True
 
 
 # --- pages -------------------------------------------------------------------------------------------
@@ -245,7 +256,8 @@ def test_the_dashboard_shows_counts_charts_and_the_no_worker_alert() -> None:
     assert page.count('<svg class="sl-chart"') == 2
     assert 'data-alert="no_live_worker"' in page
     assert 'data-alert="failure_rate"' in page  # one job finished in the hour, and it failed
-    assert "?queue=default" in page and "?queue=cpu" in page  # both queues, with their counts
+    assert "?queue=default" in page
+    assert "?queue=cpu" in page
 
 
 def test_the_queue_depth_alert_uses_the_setting(admin_client: Client, settings: object) -> None:
@@ -268,8 +280,10 @@ def test_the_workers_page_lists_live_and_dead_workers(admin_client: Client) -> N
             [live_id],
         )
     page = admin_client.get("/admin/jobs/workerinfo/").content.decode()
-    assert "web-1" in page and "old-1" in page
-    assert 'class="sl-worker-live"' in page and 'class="sl-worker-dead"' in page
+    assert "web-1" in page
+    assert "old-1" in page
+    assert 'class="sl-worker-live"' in page
+    assert 'class="sl-worker-dead"' in page
 
 
 def test_api_keys_show_the_raw_key_once_and_can_be_revoked(admin_client: Client) -> None:
@@ -279,7 +293,8 @@ def test_api_keys_show_the_raw_key_once_and_can_be_revoked(admin_client: Client)
     assert response.status_code == 200
     raw = re.search(r'id="sl-raw-key"[^>]*>(sk_[^<]+)<', response.content.decode()).group(1)  # type: ignore[union-attr]
     key = ApiKey.objects.get()
-    assert apikey_verify(raw) == key and key.scopes == ["read", "start"]
+    assert apikey_verify(raw) == key
+    assert key.scopes == ["read", "start"]
     assert raw not in admin_client.get(f"/admin/jobs/apikey/{key.pk}/change/").content.decode()
     admin_client.post(reverse("admin:jobs_apikey_revoke", args=[key.pk]))
     assert apikey_verify(raw) is None
@@ -293,3 +308,29 @@ def test_quick_deploy_args_are_valid() -> None:
     from jobs.registry import get_task
 
     assert get_task("deploy_stack").validate(QUICK_DEPLOY)["check_interval"] == 0
+
+
+def test_the_python_example_in_the_docs_runs(db: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from django.conf import settings
+
+    text = (settings.BASE_DIR / "docs" / "admin.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/admin.md", "exec"), {})  # noqa: S102 - our own documentation
+    out = capsys.readouterr().out
+    assert "'todo': 0" in out
+    assert "no_live_worker" in out
+    assert "60 24" in out
+
+
+@pytest.mark.parametrize("term", ["title=alpha", "alpha"])
+def test_argument_search_is_bounded_to_the_newest_jobs(admin_client: Client, term: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.console import jobs as console_jobs
+
+    old = insert_jobs(1, task="index_document", args={"title": "alpha"})[0]
+    insert_jobs(3)
+    monkeypatch.setattr(console_jobs, "ARGS_SEARCH_WINDOW", 2)
+    page = admin_client.get(LIST, {"q": term}).content.decode()
+    assert f"/admin/jobs/jobrecord/{old}/change/" not in page
+    assert f"/admin/jobs/jobrecord/{old}/change/" in admin_client.get(LIST, {"q": str(old)}).content.decode()

@@ -34,7 +34,7 @@ class BackgroundWorker:
 
     def _run(self) -> None:
         async def main() -> None:
-            self.task = asyncio.current_task()  # type: ignore[assignment]
+            self.task = asyncio.current_task()
             self.started.set()
             await run_worker(queues=None, concurrency=2, name="browser-test-worker", wait=True, listen_notify=True,
                              install_signal_handlers=False, shutdown_grace=2)
@@ -127,13 +127,14 @@ def test_an_operator_finds_a_failed_job_retries_it_and_watches_a_job_run(asgi_se
             value = int(page.locator("#sl-progress-text").inner_text().rstrip("%"))
             if page.evaluate("window.__sameDocument === true") and (not seen or value != seen[-1]):
                 seen.append(value)
-            if value >= 100 or len(seen) >= 3 and 0 < seen[-1] < 100:
+            if value >= 100 or (len(seen) >= 3 and 0 < seen[-1] < 100):
                 break
             page.wait_for_timeout(200)
         width = page.locator("#sl-progress-bar .sl-progress > span").evaluate("e => e.style.width")
         assert page.evaluate("window.__sameDocument === true"), "the page reloaded while the job ran"
         assert len(seen) >= 3, seen
-        assert seen == sorted(seen) and seen[-1] > 0, seen
+        assert seen == sorted(seen), seen
+        assert seen[-1] > 0, seen
         assert width == f"{seen[-1]}%" or seen[-1] >= 100
         # When it finishes the page refreshes itself to show the result.
         page.wait_for_selector("#sl-state [data-state=succeeded]", timeout=20_000)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -101,16 +101,16 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         revoked = [key for key in queryset if apikey_revoke(key_id=key.pk)]
         if revoked:
-            LogEntry.objects.log_actions(request.user.pk, revoked, CHANGE,
+            LogEntry.objects.log_actions(cast(int, request.user.pk), revoked, CHANGE,
                                          change_message=[{"changed": {"fields": ["revoked"]}}])
             self.message_user(request, f"Revoked {len(revoked)} key(s).", messages.SUCCESS)
         skipped = queryset.count() - len(revoked)
         if skipped:
             self.message_user(request, f"{skipped} key(s) were already revoked.", messages.WARNING)
 
-    def get_urls(self) -> list[URLPattern]:  # type: ignore[override]
-        return [path("<int:key_id>/revoke/", self.admin_site.admin_view(self.revoke_view),
-                     name="jobs_apikey_revoke")] + super().get_urls()  # type: ignore[operator]
+    def get_urls(self) -> list[URLPattern]:
+        revoke = path("<int:key_id>/revoke/", self.admin_site.admin_view(self.revoke_view), name="jobs_apikey_revoke")
+        return [revoke, *super().get_urls()]
 
     def revoke_view(self, request: HttpRequest, key_id: int) -> HttpResponse:
         if request.method != "POST" or not self.has_change_permission(request):

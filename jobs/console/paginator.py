@@ -7,6 +7,7 @@ from typing import Any
 
 from django.core.paginator import Paginator
 from django.db import connections
+from django.db.models import QuerySet
 from django.utils.functional import cached_property
 
 from jobs import dashboard
@@ -21,8 +22,8 @@ class EstimatedCountPaginator(Paginator):
     estimated = False
 
     @cached_property
-    def count(self) -> int:  # type: ignore[override]
-        queryset = self.object_list
+    def count(self) -> int:
+        queryset: QuerySet[Any] = self.object_list  # type: ignore[assignment]
         if not queryset.query.where:
             self.estimated = True
             return dashboard.estimated_total()
