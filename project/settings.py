@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
-from project.env import env_bool, env_float, env_int, env_list, env_secret, env_str
+from project.env import env_bool, env_choice, env_float, env_int, env_list, env_secret, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = BASE_DIR / ".skiplock"
@@ -67,10 +67,13 @@ def _database_from_url(url: str) -> dict[str, object]:
 # DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
 EMBEDDED_DATABASE = not env_str("DATABASE_URL")
 if EMBEDDED_DATABASE:
-    from project.embedded_postgres import EmbeddedPostgres
+    from project.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError
 
     _instance = env_str("SKIPLOCK_PG_INSTANCE", "dev") or "dev"
-    DATABASE_URL = EmbeddedPostgres(_instance).url()
+    try:
+        DATABASE_URL = EmbeddedPostgres(_instance).url()
+    except EmbeddedPostgresError as exc:
+        raise ImproperlyConfigured(f"SKIPLOCK_PG_INSTANCE={_instance!r}: {exc}") from None
 else:
     DATABASE_URL = env_str("DATABASE_URL") or ""
 DATABASES = {"default": _database_from_url(DATABASE_URL)}
@@ -131,13 +134,20 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# STATIC_ROOT set (the Docker image sets it and runs collectstatic): WhiteNoise serves the collected,
+# compressed files with hashed names (cached forever). Unset (a source checkout): it serves them
+# straight from the apps, so running needs no collectstatic step and no empty folder to warn about.
+_static_root = env_str("STATIC_ROOT")
+STATIC_ROOT: Path | None = Path(_static_root) if _static_root else None
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_ROOT
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
 }
-# Serve static files straight from the apps (no collectstatic step needed to run).
-WHITENOISE_USE_FINDERS = True
+WHITENOISE_USE_FINDERS = STATIC_ROOT is None
 LOGIN_URL = "/admin/login/"
 
 # Security: secure by default outside DEBUG (check --deploy is clean).
@@ -152,14 +162,15 @@ SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", _LOG_LEVELS)},
     "loggers": {
-        "procrastinate": {"level": env_str("PROCRASTINATE_LOG_LEVEL", "WARNING")},
+        "procrastinate": {"level": env_choice("PROCRASTINATE_LOG_LEVEL", "WARNING", _LOG_LEVELS)},
         "django.db.backends": {"level": "INFO"},
     },
 }
@@ -203,3 +214,12 @@ SKIPLOCK_EVENTS_POOL_SIZE = env_int("SKIPLOCK_EVENTS_POOL_SIZE", 2, minimum=1)
 SKIPLOCK_WORKER_LIVE_AFTER = env_float(
     "SKIPLOCK_WORKER_LIVE_AFTER", max(30.0, 3 * SKIPLOCK_HEARTBEAT_INTERVAL), minimum=1.0
 )
+
+# --- Jobs core: Django's tasks framework (django.tasks) runs on Skiplock (jobs/django_tasks.py) ---
+# QUEUES empty: a Django task may name any queue. OPTIONS["RETRY"] takes RetryPolicy fields
+# (e.g. {"max_retries": 3}); without it a Django task gets one attempt, as with Django's backends.
+TASKS = {"default": {"BACKEND": "jobs.django_tasks.SkiplockTaskBackend", "QUEUES": [], "OPTIONS": {}}}
+
+# --- Job pages for end users (jobs/pages.py) ----------------------------------------------------
+# Tasks the launcher at / offers, by name (empty: every registered task but Skiplock's own skiplock.*).
+SKIPLOCK_PAGES_TASKS = env_list("SKIPLOCK_PAGES_TASKS", [])
