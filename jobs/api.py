@@ -44,7 +44,6 @@ from jobs.schemas import (
     JobPageOut,
     JobStartIn,
     JobStartOut,
-    JobSummaryOut,
     StrictSchema,
     TaskListOut,
     TransitionOut,
@@ -204,7 +203,7 @@ def _validation_detail(error: dict[str, Any]) -> dict[str, Any]:
 
 
 for _exc_class in (Exception, ValidationError, HttpError, AuthenticationError, AuthorizationError, Http404):
-    api.add_exception_handler(_exc_class, error_response)
+    api.add_exception_handler(_exc_class, error_response)  # type: ignore[arg-type]
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -373,8 +372,7 @@ def _aware(moment: dt.datetime) -> dt.datetime:
 
 def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[str, Any]], str | None]:
     """One page of jobs, newest first, by keyset on job_id: cost independent of the page number."""
-    rows: QuerySet[JobRecord, dict[str, Any]]
-    query = JobRecord.objects.all()
+    query: QuerySet[JobRecord] = JobRecord.objects.all()
     if owner_id is not None:
         query = query.filter(owner_id=owner_id)
     if filters.task:

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -82,6 +83,9 @@ class ResultItem:
     text: str = ""  # a short value, shown as is
     block: str = ""  # a structured value, shown as indented JSON
     count: int | None = None  # a long list: how many items it folds away
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # a flat object, as labelled lines
+    columns: list[str] = field(default_factory=list)  # a list of flat objects, as a table
+    rows: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class JobView:
 
     id: int
     task: str
+    title: str
     description: str
     state: str
     display_state: str
@@ -139,6 +144,7 @@ def job_view(record: JobRecord, user: Any = None, *, now: dt.datetime | None = N
     return JobView(
         id=record.job_id,
         task=record.task_name,
+        title=_humanize(record.task_name),
         description=_summary(spec),
         state=record.state,
         display_state=shown,
@@ -235,20 +241,46 @@ def format_result(result: Any) -> list[ResultItem]:
 
 
 def _format_value(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {"text": "—"}
-    if isinstance(value, bool):
-        return {"text": "yes" if value else "no"}
-    if isinstance(value, int | float | str):
+    if _is_scalar(value):
         return {"text": _format_scalar(value)}
     if isinstance(value, list) and len(value) > LONG_LIST:
         return {"block": json.dumps(value), "count": len(value)}
-    if isinstance(value, list) and all(isinstance(v, int | float | str) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(_is_scalar(v) for v in value):
         return {"text": ", ".join(_format_scalar(v) for v in value) or "—"}
+    if isinstance(value, dict) and value and all(_is_flat(v) for v in value.values()):
+        return {"pairs": [(_humanize(str(k)), _format_flat(v)) for k, v in value.items()]}
+    if (
+        isinstance(value, list) and value and all(isinstance(row, dict) for row in value)
+        and all(_is_flat(v) for row in value for v in row.values())
+    ):
+        columns = list(dict.fromkeys(key for row in value for key in row))
+        if len(columns) <= 8:
+            return {
+                "columns": [_humanize(str(c)) for c in columns],
+                "rows": [[_format_flat(row.get(c)) if c in row else "" for c in columns] for row in value],
+            }
     return {"block": json.dumps(value, indent=2, sort_keys=True)}
 
 
-def _format_scalar(value: int | float | str) -> str:
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _is_flat(value: Any) -> bool:
+    return _is_scalar(value) or (isinstance(value, list) and len(value) <= LONG_LIST and all(_is_scalar(v) for v in value))
+
+
+def _format_flat(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(_format_scalar(v) for v in value) or "—"
+    return _format_scalar(value)
+
+
+def _format_scalar(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.6g}" if abs(value) < 1e15 else repr(value)
     if isinstance(value, int):
@@ -327,6 +359,21 @@ class TaskForm:
     @property
     def error_count(self) -> int:
         return len(self.errors) + len(self.delay_errors) + sum(len(f.errors) for f in self.fields)
+
+    @property
+    def field_errors(self) -> list[tuple[str, str, str]]:
+        """(input id, label, message) of every error tied to an input, for the summary's links."""
+        found = [(f"id-{self.name}-{arg.name}", arg.label, error) for arg in self.fields for error in arg.errors]
+        found += [(f"id-{self.name}-delay", "Start after", error) for error in self.delay_errors]
+        return found
+
+
+def launcher_tasks() -> list[TaskSpec]:
+    """The tasks the launcher offers: SKIPLOCK_PAGES_TASKS, or all but Skiplock's own (`skiplock.*`)."""
+    chosen = list(getattr(settings, "SKIPLOCK_PAGES_TASKS", []) or [])
+    if chosen:
+        return [spec for name in chosen if (spec := find_task(name)) is not None]
+    return [spec for spec in all_tasks() if not spec.name.startswith("skiplock.")]
 
 
 def task_form(spec: TaskSpec) -> TaskForm:
@@ -505,7 +552,7 @@ def _sentence(text: str) -> str:
 @require_http_methods(["GET", "HEAD", "POST"])
 def launcher(request: HttpRequest) -> HttpResponse:
     """`/`: a form per task, and the visitor's recent jobs. POST starts a job and shows it."""
-    forms = [task_form(spec) for spec in all_tasks()]
+    forms = [task_form(spec) for spec in launcher_tasks()]
     status = 200
     chosen = request.POST.get("task") if request.method == "POST" else request.GET.get("task")
     if request.method == "POST":

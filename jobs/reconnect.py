@@ -15,8 +15,6 @@ logger = logging.getLogger(__name__)
 
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,  # includes AdminShutdown, "connection is closed", refused connects
-    psycopg.InterfaceError,
     psycopg_pool.PoolTimeout,
     psycopg_pool.TooManyRequests,
     ConnectionError,
@@ -24,17 +22,25 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# SQLSTATE classes that mean "the server or the connection went away", not "the query is wrong".
+_TRANSIENT_SQLSTATES = ("08", "57", "53")  # connection exception, operator intervention, resources
+_RETRYABLE_SQLSTATES = ("40001", "40P01")  # serialization failure, deadlock
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when `exc` means "the database is unreachable", not "the query is wrong"."""
-    seen = 0
     current: BaseException | None = exc
-    while current is not None and seen < 5:
+    for _ in range(5):
+        if current is None:
+            return False
+        if isinstance(current, psycopg.Error):
+            state = current.sqlstate
+            if state is None:  # raised by the client: refused, closed or broken connection
+                return isinstance(current, psycopg.OperationalError | psycopg.InterfaceError)
+            return state[:2] in _TRANSIENT_SQLSTATES or state in _RETRYABLE_SQLSTATES
         if isinstance(current, _CONNECTION_ERRORS):
             return True
-        if isinstance(current, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
+        current = current.__cause__
     return False
 
 

@@ -19,6 +19,7 @@ from procrastinate.job_context import JobContext as ProcrastinateContext
 
 from jobs.context import JobContext, _current
 from jobs.exceptions import ResultNotSerializable
+from jobs.reconnect import until_connected
 from jobs.registry import DEFAULT_HARD_TIME_LIMIT, DEFAULT_SOFT_TIME_LIMIT, find_task
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 1_000_000
 MAX_MESSAGE_CHARS = 4000
 MAX_TRACEBACK_CHARS = 20000
+RECORD_RETRY_SECONDS = 60.0  # a database outage delays the record write; it does not fail the job
 
 _WRITE_PROGRESS = """
 UPDATE skiplock_job SET progress = %(progress)s, step = %(step)s, progress_at = now()
@@ -105,11 +107,11 @@ async def record_job(call_next: Any, context: ProcrastinateContext, worker: Any)
     except ResultNotSerializable as exc:
         await _shielded(_write_failure(connector, ctx.job_id, exc, pending))
         raise
-    await _shielded(
-        connector.execute_query_async(
-            _WRITE_SUCCESS, job_id=ctx.job_id, result=payload, step=pending[1] if pending else None
-        )
-    )
+    step = pending[1] if pending else None
+    await _shielded(until_connected(
+        lambda: connector.execute_query_async(_WRITE_SUCCESS, job_id=ctx.job_id, result=payload, step=step),
+        what=f"storing the result of job {ctx.job_id}", deadline=RECORD_RETRY_SECONDS,
+    ))
     return result
 
 
@@ -180,15 +182,18 @@ async def _stop_flusher(flusher: asyncio.Task[None], stop: asyncio.Event, ctx: J
 async def _write_failure(connector: Any, job_id: int, exc: BaseException, pending: tuple[int, str] | None) -> None:
     error_type = type(exc).__name__ if not isinstance(exc, asyncio.CancelledError) else "JobAborted"
     message = str(exc) or (exc.__doc__ or "").strip().split("\n")[0]
+    params = {
+        "job_id": job_id,
+        "error_type": error_type[:255],
+        "error_message": message[:MAX_MESSAGE_CHARS],
+        "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
+        "progress": pending[0] if pending else None,
+        "step": pending[1] if pending else None,
+    }
     try:
-        await connector.execute_query_async(
-            _WRITE_FAILURE,
-            job_id=job_id,
-            error_type=error_type[:255],
-            error_message=message[:MAX_MESSAGE_CHARS],
-            traceback="".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
-            progress=pending[0] if pending else None,
-            step=pending[1] if pending else None,
+        await until_connected(
+            lambda: connector.execute_query_async(_WRITE_FAILURE, **params),
+            what=f"storing the error of job {job_id}", deadline=RECORD_RETRY_SECONDS,
         )
     except Exception:
         logger.exception("could not record the failure of job %s", job_id)

@@ -74,6 +74,12 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> int:
+        from procrastinate.contrib.django import app
+
+        from jobs.worker import import_task_modules
+
+        import_task_modules()  # retry policies of the jobs it takes back
+        app.perform_import_paths()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         logger.info("supervisor %s (pid %s): %d process(es) × concurrency %d on %s", self.name, os.getpid(),
@@ -175,14 +181,17 @@ class Supervisor:
             self._read(child)
             os.close(child.read_fd)
             del self.children[index]
-            if child.killed_for is None and (code != 0 or not self.stopping):
+            # Killed by our own SIGTERM before it installed its handler (still starting): no job ran.
+            early_stop = self.stopping and code == -signal.SIGTERM and not child.worker_ids
+            unexpected = child.killed_for is None and not early_stop and (code != 0 or not self.stopping)
+            if unexpected:
                 how = f"signal {-code}" if code < 0 else f"code {code}"
                 logger.error("worker process %s (pid %s) died (%s) running %d job(s)",
                              self.child_name(index), child.process.pid, how, len(child.jobs))
                 if child.worker_ids:
                     self.pending_recoveries.append((child.worker_ids, None, 0.0))
-            if code != 0 and child.killed_for is None:
-                clean = False
+                if code != 0 and self.stopping:
+                    clean = False  # a child that did not stop cleanly when asked to
             if not self.stopping:
                 lived = time.monotonic() - child.started
                 failures = 0 if lived > 30 else self.failures.get(index, 0) + 1

@@ -61,20 +61,20 @@ _RETRY = _OWNED + (
     "SELECT procrastinate_retry_job_v2(id, %(retry_at)s, %(priority)s, %(queue)s, %(lock)s) FROM owned"
 )
 
-_REQUEUE = """
-WITH owned AS (
-    SELECT id FROM procrastinate_jobs
-    WHERE id = ANY(%(job_ids)s) AND status = 'doing' AND worker_id = %(worker_id)s
-    FOR UPDATE
-), attempt AS (
-    UPDATE skiplock_job_attempt SET error_type = %(error_type)s, error_message = %(message)s
-    WHERE job_id IN (SELECT id FROM owned) AND finished_at IS NULL
-), record AS (
-    UPDATE skiplock_job SET error_type = %(error_type)s, error_message = %(message)s, error_traceback = ''
-    WHERE job_id IN (SELECT id FROM owned)
-)
-SELECT id, procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM owned
+_LOCK_OWNED = """
+SELECT id FROM procrastinate_jobs
+WHERE id = ANY(%(job_ids)s) AND status = 'doing' AND worker_id = %(worker_id)s
+FOR UPDATE
 """
+_NOTE_ERROR = """
+WITH attempt AS (
+    UPDATE skiplock_job_attempt SET error_type = %(error_type)s, error_message = %(message)s
+    WHERE job_id = ANY(%(job_ids)s) AND finished_at IS NULL
+)
+UPDATE skiplock_job SET error_type = %(error_type)s, error_message = %(message)s, error_traceback = ''
+WHERE job_id = ANY(%(job_ids)s)
+"""
+_RETRY_NOW = "SELECT procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM unnest(%(job_ids)s::bigint[]) AS id"
 
 _REGISTER = """
 WITH w AS (INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id)
@@ -406,10 +406,13 @@ class SkiplockWorker(Worker):
         async def requeue() -> list[int]:
             async with self.pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT set_config('skiplock.attempt_outcome', %s, true)", [outcome])
-                cursor = await conn.execute(_REQUEUE, {
-                    "job_ids": job_ids, "worker_id": self.worker_id, "error_type": error_type, "message": message,
-                })
-                return [row[0] for row in await cursor.fetchall()]
+                cursor = await conn.execute(_LOCK_OWNED, {"job_ids": job_ids, "worker_id": self.worker_id})
+                owned = [row[0] for row in await cursor.fetchall()]
+                if owned:
+                    note = {"job_ids": owned, "error_type": error_type, "message": message}
+                    await conn.execute(_NOTE_ERROR, note)
+                    await conn.execute(_RETRY_NOW, {"job_ids": owned})
+                return owned
 
         return await until_connected(requeue, what=f"requeueing jobs {job_ids}", deadline=10.0)
 

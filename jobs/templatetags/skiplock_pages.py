@@ -11,11 +11,13 @@ may not see renders as "not available", exactly like one that does not exist.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django import template
 from django.templatetags.static import static
-from django.utils.html import format_html
+from django.utils.html import conditional_escape, format_html
+from django.utils.safestring import mark_safe
 
 from jobs import pages
 from jobs.models import JobRecord
@@ -66,6 +68,13 @@ def skiplock_assets() -> str:
 def skiplock_state_badge(display_state: str) -> dict[str, str]:
     """A coloured badge for one display state."""
     return {"state": display_state, "label": label(display_state), "colour": colour(display_state)}
+
+
+@register.filter(needs_autoescape=True)
+def skiplock_code(text: str, autoescape: bool = True) -> str:
+    """Docstring text for a page: escaped, with `backticks` shown as code."""
+    escaped = conditional_escape(text) if autoescape else text
+    return mark_safe(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escaped)))  # noqa: S308  (escaped above)
 
 
 @register.filter

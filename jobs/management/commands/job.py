@@ -92,7 +92,7 @@ class Command(BaseCommand):
 
         start = action("start", "start a job of TASK with JSON arguments")
         start.add_argument("task", metavar="TASK")
-        start.add_argument("--args", default="{}", metavar="JSON", help='arguments, e.g. \'{"points": 50}\'')
+        start.add_argument("--args", dest="arguments", default="{}", metavar="JSON", help='arguments, e.g. \'{"points": 50}\'')
         start.add_argument("--queue", default=None)
         start.add_argument("--priority", type=int, default=None, help="higher runs first")
         when = start.add_mutually_exclusive_group()
@@ -129,13 +129,13 @@ class Command(BaseCommand):
 
     # --- actions ---------------------------------------------------------------------------------
 
-    def do_start(self, *, task: str, args: str, queue: str | None, priority: int | None,
+    def do_start(self, *, task: str, arguments: str, queue: str | None, priority: int | None,
                  run_at: str | None, delay: float | None, idempotency_key: str | None, **_: Any) -> None:
         try:
-            arguments = json.loads(args)
+            values = json.loads(arguments)
         except json.JSONDecodeError as exc:
             raise CommandError(f"--args is not valid JSON: {exc}") from None
-        if not isinstance(arguments, dict):
+        if not isinstance(values, dict):
             raise CommandError('--args must be a JSON object, e.g. \'{"points": 50}\'')
         when = None
         if run_at is not None:
@@ -143,7 +143,7 @@ class Command(BaseCommand):
                 when = dt.datetime.fromisoformat(run_at)
             except ValueError:
                 raise CommandError(f"--run-at is not an ISO 8601 time: {run_at!r}") from None
-        job = services.job_defer(task_name=task, args=arguments, queue=queue, priority=priority,
+        job = services.job_defer(task_name=task, args=values, queue=queue, priority=priority,
                                  run_at=when, delay_seconds=delay, idempotency_key=idempotency_key)
         if self.as_json:
             self.emit({"id": job.job_id, "task": job.task_name, "queue": job.queue, "state": job.state,

@@ -64,8 +64,15 @@ class Command(BaseCommand):
     def _run_child(
         self, queues: list[str], concurrency: int, processes: int, name: str | None, shutdown_grace: float | None
     ) -> None:
+        import signal
+
         from jobs import timelimits
         from jobs.worker import run_worker
+
+        # A stop signal that arrives while this process is still starting: stop right after start.
+        early: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: early.append(signum))
 
         fd = os.environ.pop("SKIPLOCK_SUPERVISOR_FD", None)
         reporter = timelimits.pipe_reporter(int(fd)) if fd else None
@@ -73,6 +80,7 @@ class Command(BaseCommand):
         worker = asyncio.run(run_worker(
             queues=queues, concurrency=concurrency, name=name, wait=True, processes=processes,
             shutdown_grace=shutdown_grace, on_event=reporter,
+            on_started=lambda w: w.stop() if early else None,
         ))
         if worker.jobs_left_running:
             # Sync tasks that ignore interruption still run in threads; their jobs were requeued.

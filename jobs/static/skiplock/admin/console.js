@@ -105,7 +105,26 @@
     });
   }
 
+  function startForm(form) {
+    var specs = JSON.parse(document.getElementById("sl-task-specs").textContent);
+    var task = form.querySelector("#id_task");
+    var args = form.querySelector("#id_args");
+    var help = document.getElementById("sl-task-help");
+    var touched = false;
+    args.addEventListener("input", function () { touched = true; });
+    function show(fill) {
+      var spec = specs[task.value];
+      if (!spec) return;
+      help.textContent = (spec.description || "").split("\n")[0] + " Arguments: " + spec.signature;
+      if (fill && !touched) args.value = JSON.stringify(spec.example, null, 2);
+    }
+    task.addEventListener("change", function () { show(true); });
+    show(false);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    var start = document.getElementById("sl-start-form");
+    if (start) startForm(start);
     var job = document.getElementById("sl-job");
     if (job) liveJob(job);
     shortcuts();

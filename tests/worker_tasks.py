@@ -1,0 +1,113 @@
+"""Test-only tasks for the worker and reliability tests (imported by worker subprocesses via
+SKIPLOCK_IMPORT_PATHS=tests.worker_tasks).
+
+`record_run` proves exactly-once and no-concurrent-run: at start it claims the job in
+`wtest_running` (primary key job_id: a second concurrent run of the same job cannot insert and
+is counted in `wtest_overlaps`), at the end it releases the claim and appends to `wtest_runs`.
+Its writes survive database restarts (they retry until PostgreSQL is back), so what the tables
+show is the queue's behaviour, not the test task's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from django.db import OperationalError, connection
+from django.db.utils import InterfaceError
+
+from jobs.context import JobContext
+from jobs.registry import RetryPolicy, task
+
+FAST_RETRY = RetryPolicy(max_retries=5, backoff=0.2, factor=2, max_backoff=2, jitter=0.1)
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS wtest_running (job_id bigint PRIMARY KEY, token text NOT NULL, pid int NOT NULL);
+CREATE TABLE IF NOT EXISTS wtest_overlaps (job_id bigint NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS wtest_runs (job_id bigint NOT NULL, token text NOT NULL, attempt int NOT NULL,
+                                       pid int NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS wtest_started (job_id bigint NOT NULL, attempt int NOT NULL, pid int NOT NULL,
+                                          at timestamptz NOT NULL DEFAULT now());
+"""
+
+
+def _write(sql: str, params: list[Any], *, deadline: float = 120.0) -> Any:
+    """Run one autocommitted statement, retrying while the database is unreachable."""
+    ends = time.monotonic() + deadline
+    while True:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchone() if cursor.description else None
+        except (OperationalError, InterfaceError):
+            if time.monotonic() > ends:
+                raise
+            connection.close()
+            time.sleep(0.2)
+
+
+@task(queue="wtest", retry=FAST_RETRY, soft_time_limit=60, hard_time_limit=120)
+def record_run(ctx: JobContext, *, work_ms: int = 5) -> dict[str, Any]:
+    """Claim the job, work a little, release: proves no job runs twice at once."""
+    import os
+
+    token = uuid.uuid4().hex
+    row = _write(
+        "INSERT INTO wtest_running (job_id, token, pid) VALUES (%s, %s, %s) "
+        "ON CONFLICT (job_id) DO UPDATE SET job_id = EXCLUDED.job_id WHERE wtest_running.token = EXCLUDED.token "
+        "RETURNING token",
+        [ctx.job_id, token, os.getpid()],
+    )
+    if row is None:  # another run of this job holds the claim right now
+        _write("INSERT INTO wtest_overlaps (job_id) VALUES (%s)", [ctx.job_id])
+    time.sleep(work_ms / 1000)
+    _write("DELETE FROM wtest_running WHERE job_id = %s AND token = %s", [ctx.job_id, token])
+    _write("INSERT INTO wtest_runs (job_id, token, attempt, pid) VALUES (%s, %s, %s, %s)",
+           [ctx.job_id, token, ctx.attempt, os.getpid()])
+    return {"token": token}
+
+
+@task(queue="wtest", retry=FAST_RETRY, soft_time_limit=300, hard_time_limit=600)
+def slow_job(ctx: JobContext, *, seconds: float = 2.0) -> dict[str, Any]:
+    """Sleep in small steps (a job that takes a while), recording each start."""
+    import os
+
+    _write("INSERT INTO wtest_started (job_id, attempt, pid) VALUES (%s, %s, %s)", [ctx.job_id, ctx.attempt, os.getpid()])
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        time.sleep(0.05)
+    _write("INSERT INTO wtest_runs (job_id, token, attempt, pid) VALUES (%s, 'slow', %s, %s)",
+           [ctx.job_id, ctx.attempt, os.getpid()])
+    return {"slept": seconds}
+
+
+@task(queue="wtest", retry=RetryPolicy(max_retries=1, backoff=0.1, factor=1, max_backoff=0.1, jitter=0),
+      soft_time_limit=1.0, hard_time_limit=2.0)
+def runaway(*, n: int = 10**12) -> int:
+    """A CPU loop that never yields to Python (the sum runs in C): only a kill stops it."""
+    return sum(range(n))
+
+
+@task(queue="wtest", retry=RetryPolicy(max_retries=0), soft_time_limit=0.5, hard_time_limit=30)
+def soft_limited(ctx: JobContext, *, seconds: float = 10.0) -> str:
+    """Sleeps past its soft limit; catches SoftTimeLimitExceeded to clean up, then re-raises."""
+    from jobs.exceptions import SoftTimeLimitExceeded
+
+    try:
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        _write("INSERT INTO wtest_started (job_id, attempt, pid) VALUES (%s, -1, 0)", [ctx.job_id])
+        raise
+    return "finished"
+
+
+@task(queue="wtest", retry=RetryPolicy(max_retries=0), soft_time_limit=0.3, hard_time_limit=30)
+async def soft_limited_async(*, seconds: float = 10.0) -> str:
+    """An async task past its soft limit: cancelled, recorded as SoftTimeLimitExceeded."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return "finished"
