@@ -1,16 +1,28 @@
-"""gunicorn settings: an ASGI (uvicorn) worker so Server-Sent Events streams don't block requests."""
+"""gunicorn settings: an ASGI (uvicorn) worker so Server-Sent Events streams don't block requests.
+
+Run as `gunicorn -c project/gunicorn.conf.py project.asgi:application`. Everything comes from the
+environment: BIND (or HOST and PORT), WEB_CONCURRENCY, GUNICORN_TIMEOUT,
+GUNICORN_GRACEFUL_TIMEOUT, ACCESS_LOG.
+"""
+
+from __future__ import annotations
 
 import os
 
+from project.env import env_bool, env_int
+
 _host = os.environ.get("HOST", "127.0.0.1")
-_port = os.environ.get("PORT", "8000")
-bind = os.environ.get("BIND", f"{_host}:{_port}")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+_port = env_int("PORT", 8000, minimum=1)
+bind = os.environ.get("BIND") or f"{_host}:{_port}"
+workers = env_int("WEB_CONCURRENCY", 2, minimum=1)
 worker_class = "uvicorn_worker.UvicornWorker"
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "10"))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 10, minimum=0)
+timeout = env_int("GUNICORN_TIMEOUT", 60, minimum=0)
 keepalive = 5
-accesslog = "-" if os.environ.get("ACCESS_LOG", "true").lower() in ("1", "true", "yes") else None
+accesslog = "-" if env_bool("ACCESS_LOG", True) else None
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 proc_name = "skiplock-web"
+# gunicorn ≥ 25 opens a control socket in $HOME by default: several web processes on one host
+# would fight over it, and a read-only container home has no room for it. Nothing here uses it.
+control_socket_disable = True

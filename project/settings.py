@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -148,6 +149,9 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = STATIC_ROOT is None
+# WhiteNoise streams files with a sync iterator; under ASGI Django iterates it in a thread and warns
+# on every file. That is the documented, working path for the few admin/page assets served here.
+warnings.filterwarnings("ignore", message="StreamingHttpResponse must consume synchronous iterators")
 LOGIN_URL = "/admin/login/"
 
 # Security: secure by default outside DEBUG (check --deploy is clean).

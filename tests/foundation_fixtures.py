@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -26,8 +28,7 @@ def wipe_instance(cluster: EmbeddedPostgres) -> None:
     assert cluster.instance.startswith("test_"), "throwaway clusters are named test_*"
     if cluster.is_running():
         cluster.stop()
-    for pid in processes_in(cluster.data_dir):
-        os.kill(pid, 9)
+    kill_all(processes_in(cluster.data_dir))
     wait_for(lambda: not processes_in(cluster.data_dir), timeout=10, what="old backends to exit")
     home = cluster.home
     if home.is_symlink():
@@ -35,6 +36,13 @@ def wipe_instance(cluster: EmbeddedPostgres) -> None:
         home.unlink()
     elif home.exists():
         shutil.rmtree(home, ignore_errors=True)
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each process; one that already exited is fine."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _live_pids() -> list[int]:
