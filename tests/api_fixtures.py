@@ -97,7 +97,7 @@ class WorkerThread:
         self.options = {"queues": None, "concurrency": 2, "name": "api-test-worker", "wait": True,
                         "listen_notify": True, "install_signal_handlers": False, "shutdown_grace": 5.0, **options}
         self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.thread = threading.Thread(target=self._run, name="api-test-worker", daemon=True)
         self.error: BaseException | None = None
 

@@ -1,9 +1,11 @@
 """The REST API over real HTTP (uvicorn serving the ASGI app) against real PostgreSQL."""
+# ruff: noqa: F811  (pytest fixtures imported from tests/api_fixtures.py are redefined as arguments)
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +13,7 @@ from django.db import connection
 
 from jobs.apikeys import apikey_revoke
 from jobs.models import ApiKey, JobRecord
+from jobs.states import DisplayState
 from jobs.testing import run_jobs
 from tests.api_fixtures import (  # noqa: F401  (fixtures)
     FAST_DEPLOY,
@@ -30,7 +33,7 @@ def start(client: httpx.Client, task: str = "deploy_stack", **body: object) -> h
     return client.post("/api/jobs", json={"task": task, "args": args, **body})
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, object]:
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -77,7 +80,7 @@ def test_an_unknown_task_is_404_and_starts_nothing(client: httpx.Client) -> None
 def test_invalid_arguments_are_422_naming_each_field(client: httpx.Client) -> None:
     response = start(client, args={"build_megabytes": "lots", "colour": "red"})
     error = assert_error(response, 422, "invalid_arguments")
-    fields = {detail["field"] for detail in error["details"]}  # type: ignore[union-attr]
+    fields = {detail["field"] for detail in error["details"]}
     assert fields == {"build_megabytes", "colour"}
     assert "expected:" in str(error["message"])
     assert JobRecord.objects.count() == 0
@@ -86,9 +89,9 @@ def test_invalid_arguments_are_422_naming_each_field(client: httpx.Client) -> No
 def test_invalid_request_fields_are_422_too(client: httpx.Client) -> None:
     error = assert_error(client.post("/api/jobs", json={"task": "deploy_stack", "priority": "high", "extra": 1}),
                          422, "invalid_request")
-    assert {d["field"] for d in error["details"]} == {"priority", "extra"}  # type: ignore[union-attr]
+    assert {d["field"] for d in error["details"]} == {"priority", "extra"}
     error = assert_error(start(client, run_at="2030-01-01T00:00:00"), 422, "invalid_arguments")
-    assert error["details"][0]["field"] == "run_at"  # type: ignore[index]
+    assert error["details"][0]["field"] == "run_at"
     error = assert_error(start(client, run_at="2030-01-01T00:00:00Z", delay_seconds=3), 422, "invalid_arguments")
 
 
@@ -122,7 +125,7 @@ def test_an_idempotency_key_returns_the_first_job_and_conflicts_on_other_argumen
     assert again.json()["created"] is False
     error = assert_error(start(client, idempotency_key="order-42", args={**FAST_DEPLOY, "stack": "other"}),
                          409, "idempotency_conflict")
-    assert error["details"]["job_id"] == first.json()["id"]  # type: ignore[index]
+    assert error["details"]["job_id"] == first.json()["id"]
     assert JobRecord.objects.count() == 1
 
 
@@ -136,7 +139,7 @@ def test_a_batch_starts_all_jobs_or_none(client: httpx.Client) -> None:
 
     bad = [*jobs, {"task": "deploy_stack", "args": {"health_checks": "many"}}]
     error = assert_error(client.post("/api/jobs/batch", json={"jobs": bad}), 422, "invalid_arguments")
-    assert error["details"][0]["field"] == "jobs.5.health_checks"  # type: ignore[index]
+    assert error["details"][0]["field"] == "jobs.5.health_checks"
     assert_error(client.post("/api/jobs/batch", json={"jobs": [*jobs, {"task": "nope"}]}), 404, "task_not_found")
     assert_error(client.post("/api/jobs/batch", json={"jobs": []}), 422, "invalid_request")
     assert JobRecord.objects.count() == 5
@@ -236,24 +239,24 @@ def test_the_job_list_query_uses_its_index() -> None:
 
     with connection.cursor() as cursor:
         cursor.execute("SET enable_seqscan = off")  # tiny test table: ask what the plan would be at scale
-        for filters in (JobFilters(task="deploy_stack"), JobFilters(queue="cpu"), JobFilters(state=["failed"])):
-            query = _list_sql(filters)
-            cursor.execute("EXPLAIN " + query[0], query[1])
+        for filters in (JobFilters(task="deploy_stack"), JobFilters(queue="cpu"),
+                        JobFilters(state=[DisplayState.FAILED])):
+            cursor.execute("EXPLAIN " + _list_sql(filters))
             plan = "\n".join(row[0] for row in cursor.fetchall())
-            assert "Index" in plan and "Sort" not in plan, plan
+            assert "Index" in plan, plan
+            assert "Sort" not in plan, plan
         cursor.execute("SET enable_seqscan = on")
     assert jobs_page(JobFilters(), owner_id=None) == ([], None)
 
 
-def _list_sql(filters: object) -> tuple[str, list[object]]:
+def _list_sql(filters: Any) -> str:
     from django.test.utils import CaptureQueriesContext
 
     from jobs.api import jobs_page
 
     with CaptureQueriesContext(connection) as queries:
-        jobs_page(filters, owner_id=None)  # type: ignore[arg-type]
-    sql = queries.captured_queries[-1]["sql"]
-    return sql, []
+        jobs_page(filters, owner_id=None)
+    return str(queries.captured_queries[-1]["sql"])
 
 
 def test_tasks_list_their_schemas_and_policies(client: httpx.Client) -> None:
@@ -288,7 +291,7 @@ def test_cancel_a_waiting_job_then_409_with_its_state(client: httpx.Client) -> N
     assert response.json() == {"id": job_id, "state": "cancelled", "display_state": "cancelled",
                                "status_url": f"/api/jobs/{job_id}"}
     error = assert_error(client.post(f"/api/jobs/{job_id}/cancel"), 409, "invalid_transition")
-    assert error["details"]["state"] == "cancelled"  # type: ignore[index]
+    assert error["details"]["state"] == "cancelled"
     assert_error(client.post(f"/api/jobs/{job_id}/abort"), 409, "invalid_transition")
 
 
@@ -373,3 +376,36 @@ def test_session_users_own_their_jobs_and_staff_see_all(asgi_server: str, client
     assert staff.http.post(f"/api/jobs/{by_key}/cancel", headers=staff.unsafe_headers()).status_code == 200
     for session in (alice, bob, staff):
         session.http.close()
+
+
+# --- the database goes away ------------------------------------------------------------------------
+
+
+def test_an_unreachable_database_is_503_never_500(client: httpx.Client, api_key: str) -> None:
+    from django.db import connections
+
+    job_id = start(client).json()["id"]
+    connection.close()
+    params = connections.settings["default"]  # the dict every new connection of the server is built from
+    saved = {name: params[name] for name in ("HOST", "PORT")}
+    params.update(HOST="127.0.0.1", PORT="1")  # nothing listens there: connection refused
+    try:
+        for response in (
+            start(client),
+            client.get(f"/api/jobs/{job_id}"),
+            client.get("/api/jobs"),
+            client.post(f"/api/jobs/{job_id}/cancel"),
+        ):
+            error = assert_error(response, 503, "database_unavailable")
+            assert response.headers["Retry-After"] == "5"
+            assert "retry" in str(error["message"])
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == "database unreachable"
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "skiplock_database_up 0.0" in metrics.text
+    finally:
+        params.update(saved)
+        connection.close()
+    assert client.get(f"/api/jobs/{job_id}").status_code == 200

@@ -1,4 +1,5 @@
 """Live job events over Server-Sent Events: pushed from LISTEN/NOTIFY, one listener per process."""
+# ruff: noqa: F811  (pytest fixtures imported from tests/api_fixtures.py are redefined as arguments)
 
 from __future__ import annotations
 
