@@ -7,6 +7,8 @@ of `jobs.testing.run_jobs` finds them like any task of `jobs/tasks.py`.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from django.conf import settings
 from django.db import connection
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate.contrib.django.utils import connector_params
@@ -225,3 +228,25 @@ def wait_for_state(job_id: int, *states: str, timeout: float = 10.0) -> JobRecor
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} never reached {states}: {record and record.state}")
         time.sleep(0.02)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a `manage.py` subprocess that must use this test database."""
+    import os
+    from urllib.parse import quote
+
+    db = connection.settings_dict
+    url = f"postgresql://{quote(db['USER'] or '')}@/{quote(db['NAME'])}?host={quote(db['HOST'] or '')}"
+    if db["PORT"]:
+        url += f"&port={db['PORT']}"
+    if db["PASSWORD"]:
+        url = url.replace("@/", f":{quote(db['PASSWORD'])}@/", 1)
+    return {**os.environ, "DATABASE_URL": url, "DEBUG": "true"}
+
+
+def manage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `manage.py ARGS` in a subprocess against the test database."""
+    return subprocess.run(
+        [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=timeout, check=False,
+    )

@@ -145,12 +145,13 @@ class Command(BaseCommand):
                 raise CommandError(f"--run-at is not an ISO 8601 time: {run_at!r}") from None
         job = services.job_defer(task_name=task, args=values, queue=queue, priority=priority,
                                  run_at=when, delay_seconds=delay, idempotency_key=idempotency_key)
+        scheduled_at = job.scheduled_at.astimezone(dt.UTC) if job.scheduled_at else None
         if self.as_json:
             self.emit({"id": job.job_id, "task": job.task_name, "queue": job.queue, "state": job.state,
-                       "scheduled_at": job.scheduled_at, "created": job.created})
+                       "scheduled_at": scheduled_at, "created": job.created})
             return
         verb = "started" if job.created else "already started (same idempotency key)"
-        when_text = f", runs at {job.scheduled_at:%Y-%m-%d %H:%M:%S %Z}" if job.scheduled_at else ""
+        when_text = f", runs at {scheduled_at:%Y-%m-%d %H:%M:%S} UTC" if scheduled_at else ""
         self.stdout.write(f"job {job.job_id} {verb}: {job.task_name} on queue {job.queue}{when_text}")
 
     def do_list(self, *, task: str | None, state: str | None, queue: str | None, limit: int, **_: Any) -> None:
