@@ -536,8 +536,8 @@ async def run_worker(
     *,
     install_signal_handlers: bool = True,
     processes: int = 1,
-    periodic: bool = True,
-    sweep_on_start: bool = True,
+    periodic: bool | None = None,
+    sweep_on_start: bool | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_started: Callable[[SkiplockWorker], None] | None = None,
     **options: Any,
@@ -546,6 +546,10 @@ async def run_worker(
     import_task_modules()
     app.perform_import_paths()
     opts = worker_options(**options)
+    if periodic is None:  # a worker that drains the queue and exits (tests) runs no schedule
+        periodic = bool(opts["wait"])
+    if sweep_on_start is None:
+        sweep_on_start = bool(opts["wait"])
     pool = worker_pool(concurrency=opts["concurrency"])
     await pool.open(wait=False)
     connector = PsycopgConnector(kwargs=connector_params("default"))

@@ -99,3 +99,30 @@ def test_a_child_killed_mid_job_is_replaced_and_its_job_taken_back_at_once(
     assert worker.process.poll() is None  # the supervisor kept running
     assert pid not in worker.child_pids()
     assert worker.terminate() == 0
+
+
+def test_a_runaway_cpu_loop_is_killed_at_its_hard_limit_and_the_worker_keeps_serving(
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker("limits", processes=2, concurrency=2)
+    first_pids = set(worker.wait_ready())
+    runaway = defer("runaway")
+    wait_for(lambda: state_of(runaway) == "doing", timeout=30, what="the runaway job to start")
+    others = [defer("record_run", work_ms=5) for _ in range(10)]
+
+    wait_for(lambda: state_of(runaway) == "failed", timeout=120, what="the runaway job to fail")
+    attempts = query(
+        "SELECT outcome, error_type, error_message FROM skiplock_job_attempt WHERE job_id = %s ORDER BY number",
+        [runaway],
+    )
+    # Its policy allows one retry: two attempts, each killed at the 2 s hard limit.
+    assert [(a[0], a[1]) for a in attempts] == [("timed_out", "HardTimeLimitExceeded")] * 2
+    assert all("hard time limit exceeded" in a[2] for a in attempts)
+    record = query("SELECT error_type, error_message FROM skiplock_job WHERE job_id = %s", [runaway])[0]
+    assert record[0] == "HardTimeLimitExceeded" and "hard time limit exceeded" in record[1]
+
+    wait_for(lambda: all(state_of(job) == "succeeded" for job in others), timeout=90, what="the other jobs")
+    assert worker.process.poll() is None
+    replaced = set(worker.wait_ready())  # the killed processes were replaced
+    assert len(replaced) == 2 and not replaced & first_pids
+    assert worker.terminate() == 0
