@@ -334,3 +334,22 @@ def test_argument_search_is_bounded_to_the_newest_jobs(admin_client: Client, ter
     page = admin_client.get(LIST, {"q": term}).content.decode()
     assert f"/admin/jobs/jobrecord/{old}/change/" not in page
     assert f"/admin/jobs/jobrecord/{old}/change/" in admin_client.get(LIST, {"q": str(old)}).content.decode()
+
+
+def test_starting_a_job_from_the_console(admin_client: Client) -> None:
+    form = admin_client.get("/admin/jobs/jobrecord/start/?task=index_document").content.decode()
+    assert "&quot;title&quot;: null" in form  # the arguments come prefilled, required ones left to fill
+    bad = admin_client.post("/admin/jobs/jobrecord/start/", {"task": "index_document", "args": '{"titel": "x"}'})
+    assert "no argument" in bad.content.decode()
+    assert not JobRecord.objects.exists()
+    response = admin_client.post("/admin/jobs/jobrecord/start/", {
+        "task": "index_document", "args": '{"title": "Notes", "text": "hello world"}', "delay_seconds": "60"})
+    record = JobRecord.objects.get()
+    assert response["Location"] == f"/admin/jobs/jobrecord/{record.pk}/change/"
+    assert record.display_state == DisplayState.SCHEDULED
+    assert LogEntry.objects.filter(object_id=str(record.pk), action_flag=1).exists()
+
+
+def test_a_viewer_cannot_start_jobs(viewer_client: Client) -> None:
+    assert viewer_client.get("/admin/jobs/jobrecord/start/").status_code == 403
+    assert "Start a job" not in viewer_client.get(LIST).content.decode()
