@@ -21,7 +21,14 @@ import psycopg
 import psycopg_pool
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, DataError, InterfaceError, OperationalError, connection
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+)
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from ninja import NinjaAPI, Query
@@ -151,7 +158,20 @@ def error_response(request: HttpRequest, exc: Exception) -> HttpResponse:
     return response
 
 
+def _database_cause(exc: BaseException) -> BaseException | None:
+    """The database error behind `exc`, through wrappers such as procrastinate's ConnectorException."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DatabaseError | psycopg.Error | psycopg_pool.PoolTimeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _describe(exc: Exception) -> tuple[int, str, str, Any]:
+    cause = _database_cause(exc) if not isinstance(exc, SkiplockError | HttpError | ValidationError) else None
+    if cause is not None and cause is not exc:
+        return _describe(cause)  # type: ignore[arg-type]
     if isinstance(exc, SkiplockError):
         return exc.status, exc.code, exc.message, exc.details
     if isinstance(exc, ValidationError):
@@ -179,6 +199,8 @@ def _describe(exc: Exception) -> tuple[int, str, str, Any]:
         }
     if isinstance(exc, Http404):
         return 404, "not_found", "not found", None
+    if isinstance(exc, IntegrityError | psycopg.IntegrityError):
+        return 409, "conflict", "the request conflicts with the current state; read it again and retry", None
     if isinstance(exc, DataError | psycopg.DataError):
         return 422, "invalid_value", "a value is out of range or cannot be stored", None
     if isinstance(exc, OperationalError | InterfaceError | psycopg.OperationalError | psycopg.InterfaceError
@@ -266,9 +288,21 @@ def _start_out(job: services.DeferredJob) -> dict[str, Any]:
     }
 
 
-def _defer_request(item: JobStartIn, principal: Principal) -> services.DeferRequest:
+def _utc(run_at: dt.datetime | None, field: str) -> dt.datetime | None:
+    """run_at in UTC (PostgreSQL takes offsets up to ±15:59 only; Python's go to ±23:59)."""
+    if run_at is None or run_at.tzinfo is None:
+        return run_at  # the service names the missing time zone
+    try:
+        return run_at.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidArguments(
+            f"{field}: out of range", details=[{"field": field, "message": "out of range", "type": "value_error"}]
+        ) from None
+
+
+def _defer_request(item: JobStartIn, principal: Principal, field: str = "run_at") -> services.DeferRequest:
     return services.DeferRequest(
-        task_name=item.task, args=item.args, queue=item.queue, priority=item.priority, run_at=item.run_at,
+        task_name=item.task, args=item.args, queue=item.queue, priority=item.priority, run_at=_utc(item.run_at, field),
         delay_seconds=item.delay_seconds, idempotency_key=item.idempotency_key,
         owner_id=principal.user_id if principal.kind == "user" else None,
     )
@@ -316,7 +350,7 @@ def start_jobs(request: HttpRequest, payload: JobBatchIn) -> Status:
     """Start up to 1,000 jobs in one request: all valid or none started; one round trip for the inserts."""
     principal = principal_of(request)
     principal.require("start")
-    requests = [_defer_request(item, principal) for item in payload.jobs]
+    requests = [_defer_request(item, principal, f"jobs.{i}.run_at") for i, item in enumerate(payload.jobs)]
     jobs = services.job_defer_batch(requests=requests)
     return Status(202, {"jobs": [_start_out(job) for job in jobs]})
 
