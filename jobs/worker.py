@@ -49,6 +49,8 @@ from jobs.reconnect import backoff_delays, is_connection_error, until_connected
 
 logger = logging.getLogger(__name__)
 
+PERSIST_RETRY_SECONDS = 600.0
+
 _OWNED = """
 WITH owned AS (
     SELECT id FROM procrastinate_jobs
@@ -286,6 +288,7 @@ class SkiplockWorker(Worker):
                 if self._stop_event.is_set():
                     break
                 assert self.worker_id is not None
+                fetching_as = self.worker_id
                 try:
                     async with self._fetch_lock:
                         if self._needs_reconcile:
@@ -295,8 +298,9 @@ class SkiplockWorker(Worker):
                     failed = True
                     self._needs_reconcile = True  # the answer may be lost while the claim committed
                     if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):
-                        logger.error("this worker's registration is gone; registering again")
-                        await self._register()
+                        if self.worker_id == fetching_as:  # the heartbeat may have re-registered already
+                            logger.error("this worker's registration is gone; registering again")
+                            await self._register()
                     elif not is_connection_error(exc):
                         logger.exception("fetching a job failed; retrying")
                     else:
@@ -388,9 +392,16 @@ class SkiplockWorker(Worker):
                     cursor = await conn.execute(query, params)
                     return len(await cursor.fetchall())
 
-            owned = await until_connected(
-                persist, what=f"recording the outcome of job {job.id}", deadline=float(settings.SKIPLOCK_STALLED_AFTER)
-            )
+            try:
+                # However long the outage: if the sweeper takes the job back meanwhile, the fence drops this.
+                owned = await until_connected(
+                    persist, what=f"recording the outcome of job {job.id}", deadline=PERSIST_RETRY_SECONDS,
+                    stop=self._force_stop,
+                )
+            except Exception:
+                logger.exception("could not record the outcome of job %s; it will be requeued", job.id)
+                self._needs_reconcile = True  # still `doing` under our id: the reconcile requeues it
+                return
             if not owned:
                 logger.warning(
                     "job %s is no longer this worker's attempt (taken back meanwhile); its outcome (%s) is dropped",
@@ -434,6 +445,7 @@ class SkiplockWorker(Worker):
                 warned = False
 
     async def _beat(self) -> None:
+        beating_as = self.worker_id
         async with self.pool.connection() as conn:
             cursor = await conn.execute(_HEARTBEAT, {"worker_id": self.worker_id})
             row = await cursor.fetchone()
@@ -451,7 +463,7 @@ class SkiplockWorker(Worker):
             task, ctx = running[job_id]
             self._abort_job(task, ctx, job_context.AbortReason.SHUTDOWN)
             timelimits.interrupt_sync_job(job_id)
-        if not alive:
+        if not alive and self.worker_id == beating_as:
             logger.error("this worker's registration was removed (it looked dead); registering again")
             await self._register()
             self._needs_reconcile = True
