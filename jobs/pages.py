@@ -282,10 +282,8 @@ def _format_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:,.6g}" if abs(value) < 1e15 else repr(value)
-    if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    return value
+        return f"{value:.6g}"
+    return str(value)
 
 
 def _humanize(key: str) -> str:

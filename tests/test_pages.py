@@ -177,6 +177,22 @@ def test_a_bad_delay_is_refused(alice: User) -> None:
 
 
 @pytest.mark.django_db
+def test_the_launcher_offers_the_product_tasks_not_skiplocks_own(alice: User, settings: Any) -> None:
+    from jobs.registry import find_task
+
+    client = signed_in(alice)
+    if find_task("skiplock.maintenance") is not None:
+        assert 'value="skiplock.maintenance"' not in html_of(client.get("/"))
+        assert client.post("/", launcher_post("skiplock.maintenance")).status_code == 404
+    settings.SKIPLOCK_PAGES_TASKS = ["optimize_route"]
+    html = html_of(client.get("/"))
+    assert 'name="task" value="optimize_route"' in html
+    assert 'name="task" value="deploy_stack"' not in html
+    assert client.post("/", launcher_post("deploy_stack")).status_code == 404
+    assert not JobRecord.objects.exists()
+
+
+@pytest.mark.django_db
 def test_an_unknown_task_is_a_404(alice: User) -> None:
     response = signed_in(alice).post("/", launcher_post("rm_rf"))
     assert response.status_code == 404
@@ -330,7 +346,7 @@ def test_a_finished_job_shows_its_result_formatted_and_a_failed_one_its_error() 
     assert 'aria-valuenow="100"' in html
     assert "http-equiv" not in html
     assert '<div class="sk-result__row" data-key="length">' in html
-    assert f"{record.result['length']:,.6g}" in html
+    assert f"{record.result['length']:.6g}" in html
     assert "40 items" in html  # the route, folded away
     assert "Took" in html
     assert "Raw JSON" in html
@@ -388,15 +404,20 @@ def test_results_are_formatted_for_people() -> None:
     )
     by_key = {item.key: item for item in items}
     assert by_key["release"].text == "abc123"
-    assert by_key["length"].text == "1,234.57"
-    assert by_key["count"].text == "123,456"
+    assert by_key["length"].text == "1234.57"
+    assert by_key["count"].text == "123456"  # ids, ports and years read wrong with separators
     assert by_key["ok"].text == "yes"
     assert by_key["services"].text == "api, web"
     assert by_key["route"].count == 300
-    assert '"stack": "shop"' in by_key["manifest"].block
+    assert by_key["manifest"].pairs == [("Stack", "shop")]
     assert by_key["nothing"].text == "—"
     assert by_key["release"].label == "Release"
     assert pages.format_result([1, 2])[0].text == "1, 2"
+    table = pages.format_result({"services": [{"name": "api", "healthy": True}, {"name": "web", "port": 80}]})[0]
+    assert table.columns == ["Name", "Healthy", "Port"]
+    assert table.rows == [["api", "yes", ""], ["web", "", "80"]]
+    nested = pages.format_result({"deep": {"a": {"b": 1}}})[0]
+    assert '"b": 1' in nested.block
 
 
 @pytest.mark.parametrize(

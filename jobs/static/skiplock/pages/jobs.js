@@ -39,6 +39,20 @@
     return Math.floor(hours / 24) + " d " + (hours % 24) + " h";
   }
 
+  // Times are rendered in the server's zone; show them in the reader's.
+  function localiseTimes(root) {
+    if (!window.Intl) return;
+    var format = new Intl.DateTimeFormat(undefined, {
+      month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit"
+    });
+    root.querySelectorAll("time[datetime]").forEach(function (el) {
+      var moment = new Date(el.getAttribute("datetime"));
+      if (isNaN(moment.getTime())) return;
+      el.title = el.getAttribute("datetime");
+      el.textContent = format.format(moment);
+    });
+  }
+
   function parse(event) {
     try { return JSON.parse(event.data); } catch (e) { return null; }
   }
@@ -75,6 +89,7 @@
     this.elapsed0 = parseFloat(d.elapsed) || 0;
     this.t0 = performance.now();
     this.ticking = d.ticking === "1";
+    localiseTimes(this.root);
   };
 
   Job.prototype.part = function (name) {
