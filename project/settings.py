@@ -227,7 +227,3 @@ TASKS = {"default": {"BACKEND": "jobs.django_tasks.SkiplockTaskBackend", "QUEUES
 # --- Job pages for end users (jobs/pages.py) ----------------------------------------------------
 # Tasks the launcher at / offers, by name (empty: every registered task but Skiplock's own skiplock.*).
 SKIPLOCK_PAGES_TASKS = env_list("SKIPLOCK_PAGES_TASKS", [])
-
-# --- Job pages for end users (jobs/pages.py) ----------------------------------------------------
-# Tasks the launcher at / offers, by name (empty: every registered task but Skiplock's own skiplock.*).
-SKIPLOCK_PAGES_TASKS = env_list("SKIPLOCK_PAGES_TASKS", [])
