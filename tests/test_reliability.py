@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/worker_fixtures.py are redefined as arguments)
 """The reliability contract (SPEC §8) with real worker processes: 2 processes × 4 jobs at a time.
 
 `record_run` claims its job in a table keyed by job id while it runs (a second concurrent run
@@ -15,8 +16,16 @@ from django.db import connection
 
 from jobs import services
 from jobs.services import DeferRequest
-from tests.worker_fixtures import LOG_DIR, QUEUE, WorkerProcess, query, scalar, wait_for
-from tests.worker_fixtures import start_worker, worker_tables  # noqa: F401  (fixtures)
+from tests.worker_fixtures import (  # noqa: F401  (fixtures)
+    LOG_DIR,
+    QUEUE,
+    WorkerProcess,
+    query,
+    scalar,
+    start_worker,
+    wait_for,
+    worker_tables,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

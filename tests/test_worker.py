@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/worker_fixtures.py are redefined as arguments)
 """The worker command with real processes and real signals: shutdown, crashes, time limits."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def state_of(job_id: int) -> str:
 
 
 def attempts_of(job_id: int) -> list[tuple[int, str, str, str]]:
-    return [tuple(row) for row in query(  # type: ignore[misc]
+    return [tuple(row) for row in query(  # type: ignore[misc,unused-ignore]
         "SELECT number, outcome, error_type, worker_name FROM skiplock_job_attempt WHERE job_id = %s ORDER BY number",
         [job_id],
     )]
@@ -119,10 +120,12 @@ def test_a_runaway_cpu_loop_is_killed_at_its_hard_limit_and_the_worker_keeps_ser
     assert [(a[0], a[1]) for a in attempts] == [("timed_out", "HardTimeLimitExceeded")] * 2
     assert all("hard time limit exceeded" in a[2] for a in attempts)
     record = query("SELECT error_type, error_message FROM skiplock_job WHERE job_id = %s", [runaway])[0]
-    assert record[0] == "HardTimeLimitExceeded" and "hard time limit exceeded" in record[1]
+    assert record[0] == "HardTimeLimitExceeded"
+    assert "hard time limit exceeded" in record[1]
 
     wait_for(lambda: all(state_of(job) == "succeeded" for job in others), timeout=90, what="the other jobs")
     assert worker.process.poll() is None
     replaced = set(worker.wait_ready())  # the killed processes were replaced
-    assert len(replaced) == 2 and replaced != first_pids
+    assert len(replaced) == 2
+    assert replaced != first_pids
     assert worker.terminate() == 0

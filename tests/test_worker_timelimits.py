@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/worker_fixtures.py are redefined as arguments)
 """Soft time limits in-process (the real worker path through jobs.testing.run_jobs)."""
 
 from __future__ import annotations
@@ -6,8 +7,12 @@ import pytest
 
 from jobs import services
 from jobs.testing import run_jobs
-from tests.worker_fixtures import QUEUE, query, scalar
-from tests.worker_fixtures import worker_tables  # noqa: F401  (fixture)
+from tests.worker_fixtures import (
+    QUEUE,
+    query,
+    scalar,
+    worker_tables,  # noqa: F401  (fixture)
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -145,7 +145,7 @@ class _suppress:
 
 
 @pytest.fixture
-def worker_tables(transactional_db: None) -> Iterator[None]:
+def worker_tables(transactional_db: None) -> None:
     """The test tasks' tables, empty, and no job of the test queue left from another test."""
     with connection.cursor() as cursor:
         cursor.execute(worker_tasks.TABLES)
