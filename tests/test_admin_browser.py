@@ -118,7 +118,7 @@ def test_an_operator_finds_a_failed_job_retries_it_and_watches_a_job_run(asgi_se
 
     # A running job: its progress bar moves on the open page, without a reload.
     job = services.job_defer(task_name="deploy_stack", args={
-        "check_interval": 0.4, "build_megabytes": 4, "health_checks": 8, "stack": "live"})
+        "check_interval": 0.3, "build_megabytes": 4, "health_checks": 7, "stack": "live"})
     page.goto(f"{asgi_server}/admin/jobs/jobrecord/{job.job_id}/change/")
     page.evaluate("window.__sameDocument = true")
     seen: list[int] = []
