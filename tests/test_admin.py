@@ -353,3 +353,10 @@ def test_starting_a_job_from_the_console(admin_client: Client) -> None:
 def test_a_viewer_cannot_start_jobs(viewer_client: Client) -> None:
     assert viewer_client.get("/admin/jobs/jobrecord/start/").status_code == 403
     assert "Start a job" not in viewer_client.get(LIST).content.decode()
+
+
+def test_the_admin_index_lists_the_console_pages_first(admin_client: Client) -> None:
+    page = admin_client.get("/admin/").content.decode()
+    assert page.index('href="/admin/jobs/dashboard/"') < page.index('href="/admin/jobs/jobrecord/"')
+    assert 'href="/admin/jobs/periodic/"' in page
+    assert "Procrastinate" not in page
