@@ -152,7 +152,15 @@ class TaskSpec:
                     for err in exc.errors()
                 ],
             ) from None
-        return model.model_dump(mode="json")
+        values = model.model_dump(mode="json")
+        nul = _nul_field(values)
+        if nul is not None:
+            # PostgreSQL's jsonb cannot store U+0000: refuse it here with a clear message.
+            raise InvalidArguments(
+                f"invalid arguments for task '{self.name}': '{nul}': text cannot hold NUL characters (\\u0000)",
+                details=[{"field": nul, "message": "text cannot hold NUL characters", "type": "value_error"}],
+            )
+        return values
 
     def json_schema(self) -> dict[str, Any]:
         return self.args_model.model_json_schema()
@@ -212,6 +220,26 @@ class _Configured:
         from jobs import services
 
         return services.job_defer(task_name=self.spec.name, args=args, **self.options).job_id
+
+
+def _nul_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) holding U+0000, if any."""
+    if isinstance(value, str):
+        return (path or "args") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return where
+            found = _nul_field(item, where)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_field(item, f"{path}.{index}" if path else str(index))
+            if found:
+                return found
+    return None
 
 
 def _describe_error(err: Any) -> str:

@@ -168,6 +168,9 @@ def _build_job(request: DeferRequest, spec: TaskSpec) -> procrastinate_jobs.Job:
             scheduled_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=request.delay_seconds)
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 255:
         problems.append({"field": "idempotency_key", "message": "must be 1 to 255 characters", "type": "value_error"})
+    for name, text in (("queue", queue), ("idempotency_key", request.idempotency_key)):
+        if isinstance(text, str) and "\x00" in text:
+            problems.append({"field": name, "message": "cannot hold NUL characters", "type": "value_error"})
     try:
         lock, queueing_lock = spec.lock_for(args), spec.queueing_lock_for(args)
     except (KeyError, IndexError) as exc:

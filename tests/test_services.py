@@ -289,3 +289,11 @@ def test_run_at_needs_a_time_zone_and_cannot_come_with_a_delay() -> None:
                            delay_seconds=5)
     at = services.job_defer(task_name="tests.core.echo", run_at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
     assert JobRecord.objects.get(pk=at.job_id).scheduled_at == dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+def test_nul_characters_are_refused_before_they_reach_postgresql() -> None:
+    with pytest.raises(InvalidArguments, match="idempotency_key: cannot hold NUL characters"):
+        services.job_defer(task_name="tests.core.echo", idempotency_key="a\x00")
+    with pytest.raises(InvalidArguments, match="'label': text cannot hold NUL characters"):
+        services.job_defer(task_name="tests.core.echo", args={"label": "a\x00"})
+    assert JobRecord.objects.count() == 0
