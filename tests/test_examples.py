@@ -36,11 +36,10 @@ def test_index_document_reads_a_sample_file_and_search_finds_it() -> None:
     assert len(chunks[0].embedding) == 256
     hits = documents.search("skip locked workers")
     assert hits[0]["title"] == "postgresql-queues.md"
-    assert "idempotent" in documents.search("idempotent outbox")[0]["snippet"].lower() or (
-        documents.search("idempotent outbox")[0]["title"] == "task-design-guide.txt"
-    )
+    assert documents.search("idempotent outbox")[0]["title"] == "task-design-guide.txt"
     assert documents.search("two-opt")[0]["title"] == "route-optimisation.txt"
     assert documents.search("kubernetes helm chart") == []
+    assert doc.job_id is not None
     record = JobRecord.objects.get(pk=doc.job_id)
     assert record.result == {"document_id": doc.pk, "title": doc.title, "characters": len(clean), "chunks": 4}
     assert record.step == "store"
