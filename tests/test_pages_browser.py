@@ -273,3 +273,24 @@ def test_without_javascript_the_status_page_reloads_itself_until_the_job_ends(
     page.wait_for_selector("text=was cancelled")
     assert JobRecord.objects.get(pk=waiting.pk).state == "cancelled"
     context.close()
+
+
+def test_the_owner_stops_a_running_job_and_sees_it_end_aborted(browser: Any, asgi_server: str) -> None:
+    alice = make_user("alice")
+    job = start_job(alice, health_checks=100, check_interval=0.2)  # about a minute, unless stopped
+    context = session_for(browser, asgi_server, alice)
+    page = context.new_page()
+    page.goto(f"/jobs/{job.pk}/")
+    page.evaluate("window.__sameDocument = true")
+    with WorkerThread():
+        page.wait_for_selector("button:has-text('Stop job')", timeout=20_000)  # it runs: stop is offered
+        page.click("button:has-text('Stop job')")
+        page.wait_for_selector("[data-sk=outcome] >> text=Stopped", timeout=20_000)
+    assert page.evaluate("window.__sameDocument") is True
+    assert page.locator("[data-sk=badge]").inner_text() == "Aborted"
+    assert page.locator("form[data-sk-action]").count() == 0
+    record = JobRecord.objects.get(pk=job.pk)
+    assert record.state == "aborted"
+    assert 0 < record.progress < 100
+    shot(page, "status-aborted")
+    context.close()
