@@ -360,3 +360,12 @@ def test_the_admin_index_lists_the_console_pages_first(admin_client: Client) -> 
     assert page.index('href="/admin/jobs/dashboard/"') < page.index('href="/admin/jobs/jobrecord/"')
     assert 'href="/admin/jobs/periodic/"' in page
     assert "Procrastinate" not in page
+
+
+def test_the_list_status_endpoint_answers_for_many_jobs_in_one_query(admin_client: Client, django_assert_num_queries: object) -> None:
+    ids = insert_jobs(3, status="doing")
+    admin_client.get(LIST)
+    with django_assert_num_queries(3):  # type: ignore[operator]
+        data = admin_client.get("/admin/jobs/jobrecord/status.json", {"ids": ",".join(map(str, ids))}).json()
+    assert sorted(job["id"] for job in data["jobs"]) == sorted(ids)
+    assert {job["label"] for job in data["jobs"]} == {"Running"}

@@ -259,7 +259,9 @@ class JobRecordAdmin(admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress_column(self, obj: JobRecord) -> str:
-        return format_html('{} <small class="sl-muted">{}%</small>', progress_bar(obj.progress, obj.state), obj.progress)
+        # Rows of active jobs are refreshed in place by console.js through status.json?ids=…
+        return format_html('<span class="sl-row-live" data-job="{}" data-state="{}">{} <small class="sl-muted">{}%</small></span>',
+                           obj.pk, obj.state, progress_bar(obj.progress, obj.state), obj.progress)
 
     @admin.display(description="step")
     def step_column(self, obj: JobRecord) -> str:
@@ -438,8 +440,9 @@ class JobRecordAdmin(admin.ModelAdmin):
     def get_urls(self) -> list[URLPattern]:
         status = path("<int:job_id>/status.json", self.admin_site.admin_view(self.status_view),
                       name="jobs_jobrecord_status")
+        statuses = path("status.json", self.admin_site.admin_view(self.statuses_view), name="jobs_jobrecord_statuses")
         start = path("start/", self.admin_site.admin_view(self.start_view), name="jobs_jobrecord_start")
-        return [status, start, *super().get_urls()]
+        return [status, statuses, start, *super().get_urls()]
 
     def start_view(self, request: HttpRequest) -> HttpResponse:
         from jobs.console.start import start_view
@@ -452,12 +455,24 @@ class JobRecordAdmin(admin.ModelAdmin):
         record = JobRecord.objects.filter(pk=job_id).first()
         if record is None:
             return JsonResponse({"error": {"code": "job_not_found", "message": f"no job has id {job_id}"}}, status=404)
-        state = state_of(record)
-        return JsonResponse({
-            "id": record.job_id, "state": record.state, "display_state": state.value, "label": label(state),
-            "colour": colour(state), "progress": record.progress, "step": record.step, "attempts": record.attempts,
-            "final": record.state in FINAL_STATES,
-        })
+        return JsonResponse(_status(record))
+
+    def statuses_view(self, request: HttpRequest) -> JsonResponse:
+        """Status of up to 200 jobs (`?ids=1,2,3`): the job list refreshes its active rows with it."""
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.strip().isdigit()][:200]
+        only = ("job_id", "state", "scheduled_at", "attempts", "progress", "step")
+        return JsonResponse({"jobs": [_status(r) for r in JobRecord.objects.filter(pk__in=ids).only(*only)]})
+
+
+def _status(record: JobRecord) -> dict[str, Any]:
+    state = state_of(record)
+    return {
+        "id": record.job_id, "state": record.state, "display_state": state.value, "label": label(state),
+        "colour": colour(state), "progress": record.progress, "step": record.step, "attempts": record.attempts,
+        "final": record.state in FINAL_STATES,
+    }
 
 
 def _nav(request: HttpRequest) -> list[dict[str, Any]]:

@@ -71,6 +71,46 @@
     setTimeout(function () { if (!opened && !pollTimer) { source.close(); poll(); } }, 3000);
   }
 
+  // The job list: rows of waiting and running jobs follow their job (bar, %, step, badge) every 2 s.
+  function liveRows(table) {
+    var url = table.dataset.statusUrl;
+    function active() {
+      return Array.prototype.filter.call(document.querySelectorAll(".sl-row-live"), function (el) {
+        return ["todo", "doing", "aborting"].indexOf(el.dataset.state) >= 0;
+      });
+    }
+    function tick() {
+      var rows = active();
+      if (!rows.length || document.hidden) return;
+      var ids = rows.map(function (el) { return el.dataset.job; }).join(",");
+      fetch(url + "?ids=" + ids, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : { jobs: [] }; })
+        .then(function (data) {
+          data.jobs.forEach(function (job) {
+            var cell = document.querySelector('.sl-row-live[data-job="' + job.id + '"]');
+            if (!cell) return;
+            cell.dataset.state = job.state;
+            var bar = cell.querySelector(".sl-progress");
+            bar.className = "sl-progress sl-progress-" + job.state;
+            bar.setAttribute("aria-valuenow", String(job.progress));
+            bar.firstElementChild.style.width = job.progress + "%";
+            cell.querySelector("small").textContent = job.progress + "%";
+            var tr = cell.closest("tr");
+            var badge = tr && tr.querySelector(".sl-badge");
+            if (badge && badge.dataset.state !== job.display_state) {
+              badge.dataset.state = job.display_state;
+              badge.className = "sl-badge sl-" + job.colour;
+              badge.textContent = job.label;
+            }
+            var step = tr && tr.querySelector(".field-step_column");
+            if (step && job.step) step.textContent = job.step.slice(0, 40);
+          });
+        })
+        .catch(function () { /* try again on the next tick */ });
+    }
+    if (active().length) setInterval(tick, 2000);
+  }
+
   function shortcuts() {
     var pending = false;
     document.addEventListener("keydown", function (e) {
@@ -127,6 +167,9 @@
     if (start) startForm(start);
     var job = document.getElementById("sl-job");
     if (job) liveJob(job);
+    var list = document.getElementById("result_list");
+    var live = document.getElementById("sl-list-live");
+    if (list && live) liveRows(live);
     shortcuts();
     copyButtons();
   });
