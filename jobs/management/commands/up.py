@@ -74,12 +74,14 @@ class Command(BaseCommand):
             if cluster is not None:
                 self.say("up", f"starting the embedded PostgreSQL (port {cluster.port}, data in .skiplock/{cluster.instance}/)")
                 started_db = self._start_cluster(cluster)
-            self.say("up", "applying migrations")
-            call_command("migrate", interactive=False, verbosity=0)
-            self._ensure_admin()
+            # The web server boots (imports the app, forks its workers) while migrations run: on a
+            # second start that overlap is most of the wait. The worker needs the tables: it waits.
             children["web"] = self._spawn(
                 "web", [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"]
             )
+            self.say("up", "applying migrations")
+            call_command("migrate", interactive=False, verbosity=0)
+            self._ensure_admin()
             if not no_worker:
                 children["worker"] = self._spawn(
                     "worker", [sys.executable, "manage.py", "worker", "--concurrency", str(concurrency)]
