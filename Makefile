@@ -34,8 +34,9 @@ install: $(VENV)/.synced  ## install Python and the locked dependencies (no-op w
 
 $(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "Skiplock needs Python 3.12+ as $(PYTHON)"; exit 1; }
-	$(PYTHON) -m venv .skiplock/uv
-	.skiplock/uv/bin/pip install --quiet --disable-pip-version-check 'uv>=0.9,<1'
+	@# A private uv: a venv of its own, or (Debian without python3-venv) pip --target.
+	$(PYTHON) -m venv .skiplock/uv && .skiplock/uv/bin/pip install --quiet --disable-pip-version-check 'uv>=0.9,<1' \
+	  || { rm -rf .skiplock/uv; $(PYTHON) -m pip install --quiet --disable-pip-version-check --target .skiplock/uv 'uv>=0.9,<1'; }
 
 $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --quiet
@@ -57,7 +58,9 @@ db-status: install  ## is the embedded PostgreSQL running?
 psql: install  ## open psql on the embedded PostgreSQL
 	@DEBUG=true $(PY) manage.py db psql
 
-clean:  ## remove the virtualenv and the embedded databases (stops them first)
-	-@DEBUG=true $(PY) manage.py db stop --instance dev 2>/dev/null
-	-@DEBUG=true $(PY) manage.py db stop --instance test 2>/dev/null
+clean:  ## remove the virtualenv and every embedded database of this checkout (stops them first)
+	-@for home in .skiplock/*/; do name=$$(basename "$$home"); [ -f "$$home/data/PG_VERSION" ] && \
+	  DEBUG=true SKIPLOCK_PG_INSTANCE="$$name" $(PY) manage.py db stop --instance "$$name" 2>/dev/null; done; true
+	@# As root the clusters live in /var/tmp/skiplock/<checkout>/ (linked from .skiplock/): remove them too.
+	-@for link in .skiplock/*; do [ -L "$$link" ] && rm -rf "$$(readlink -f "$$link")"; done; true
 	rm -rf $(VENV) .skiplock staticfiles

@@ -2,7 +2,7 @@
 
 Run as `gunicorn -c project/gunicorn.conf.py project.asgi:application`. Everything comes from the
 environment: BIND (or HOST and PORT), WEB_CONCURRENCY, GUNICORN_TIMEOUT,
-GUNICORN_GRACEFUL_TIMEOUT, ACCESS_LOG.
+GUNICORN_GRACEFUL_TIMEOUT, GUNICORN_PRELOAD, ACCESS_LOG.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ worker_class = "uvicorn_worker.UvicornWorker"
 graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 10, minimum=0)
 timeout = env_int("GUNICORN_TIMEOUT", 60, minimum=0)
 keepalive = 5
+# Import the app once in the master and fork the workers from it: they start at once and share
+# memory. Nothing in Skiplock opens a connection or a thread at import (the SSE hub starts on the
+# first stream, in its worker's event loop). GUNICORN_PRELOAD=false imports in every worker.
+preload_app = env_bool("GUNICORN_PRELOAD", True)
 accesslog = "-" if env_bool("ACCESS_LOG", True) else None
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'

@@ -166,6 +166,8 @@ def test_up_starts_database_web_and_worker_and_prints_a_generated_admin_password
     assert _admin_login(up.base, "admin").status_code == 200  # no fixed password: the form comes back
     assert f"admin {up.base}/admin/" in up.output
     assert f"{up.base}/api/docs" in up.output
+    assert any(line.startswith("web    | ") for line in up.lines)  # readable, prefixed logs
+    assert any(line.startswith("up     | ") for line in up.lines)
     commands = describe(up.leftovers())
     assert "gunicorn -c project/gunicorn.conf.py project.asgi:application" in commands
     assert "manage.py worker --concurrency 1" in commands
