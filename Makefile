@@ -57,6 +57,8 @@ db-status: install  ## is the embedded PostgreSQL running?
 	@DEBUG=true $(PY) manage.py db status
 psql: install  ## open psql on the embedded PostgreSQL
 	@DEBUG=true $(PY) manage.py db psql
+bench: install  ## run the benchmarks (~25 min on 2 cores) and regenerate docs/benchmarks.md
+	$(PY) -m bench --size full
 
 clean:  ## remove the virtualenv and every embedded database of this checkout (stops them first)
 	-@for home in .skiplock/*/; do name=$$(basename "$$home"); [ -f "$$home/data/PG_VERSION" ] && \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import secrets
@@ -84,7 +85,7 @@ def run_external(name: str, size: str, bench: Bench) -> dict[str, Any]:
             "import json, sys; from importlib import import_module; "
             f"json.dump(import_module({BENCHMARKS[name]!r}).run({size!r}), open(sys.argv[1], 'w'), default=str)"
         )
-        env = {k: v for k, v in python_env().items() if k not in ("DATABASE_URL", "SECRET_KEY")}
+        env = {k: v for k, v in python_env().items() if k not in ("DATABASE_URL", "SECRET_KEY", "DEBUG", "LOG_LEVEL")}
         proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:

@@ -173,6 +173,7 @@ class Side:
         spec = self.spec
         noop = self.task("bench_noop")
         single, batch = [], []
+        noop.delay()  # connect (and, with a backend, start the result consumer) before timing
         for _ in range(spec["runs"]):
             self.purge()
             start = time.perf_counter()
@@ -245,7 +246,8 @@ class Side:
         spec = self.spec
         workers = self.start(spec["concurrency"], 1)
         noop = self.task("bench_noop")
-        rates, lags = [], []
+        rates: list[float] = []
+        lags: list[float] = []
         began = time.monotonic()
         try:
             for _ in range(spec["runs"]):

@@ -46,10 +46,10 @@ class Size:
 
 SIZES = {
     "full": Size(
-        name="full", runs=3, concurrencies=(1, 4, 16), processes=(1, 2), drain_seconds=1.2,
-        min_jobs=50, max_jobs=12_000, enqueue_single=2000, enqueue_batches=10, pickup_samples=200,
-        e2e_jobs=5000, growth_points=(0, 100_000, 1_000_000), growth_pickup_samples=100,
-        profile_jobs=4000, pgbench_seconds=2, enqueue_seconds=2.0, e2e_budget_seconds=75,
+        name="full", runs=3, concurrencies=(1, 4, 16), processes=(1, 2), drain_seconds=1.0,
+        min_jobs=50, max_jobs=8000, enqueue_single=2000, enqueue_batches=10, pickup_samples=150,
+        e2e_jobs=5000, growth_points=(0, 100_000, 1_000_000), growth_pickup_samples=60,
+        profile_jobs=3000, pgbench_seconds=2, enqueue_seconds=2.0, e2e_budget_seconds=60,
     ),
     "small": Size(
         name="small", runs=3, concurrencies=(1, 4, 16), processes=(1, 2), drain_seconds=0.5,
@@ -59,7 +59,7 @@ SIZES = {
     ),
     "tiny": Size(
         name="tiny", runs=1, concurrencies=(2,), processes=(1,), drain_seconds=0.2,
-        min_jobs=20, max_jobs=200, enqueue_single=20, enqueue_batches=1, pickup_samples=4,
+        min_jobs=10, max_jobs=200, enqueue_single=20, enqueue_batches=1, pickup_samples=4,
         e2e_jobs=30, growth_points=(0, 300), growth_pickup_samples=3,
         profile_jobs=60, pgbench_seconds=0, enqueue_seconds=0.5, e2e_budget_seconds=10,
     ),

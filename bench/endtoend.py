@@ -48,7 +48,11 @@ def run(bench: Bench, systems: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"jobs": size.e2e_jobs, "concurrency": CONCURRENCY}
     if "skiplock" in wanted:
         log("end-to-end Skiplock")
-        out["skiplock"] = measure(bench, SkiplockSystem(bench.target))
+        skiplock = SkiplockSystem(bench.target)
+        try:
+            out["skiplock"] = measure(bench, skiplock)
+        finally:
+            skiplock.close()
     if "procrastinate" in wanted:
         log("end-to-end bare procrastinate")
         system = ProcrastinateSystem(bench.target)

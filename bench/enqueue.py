@@ -21,6 +21,7 @@ def measure(bench: Bench, system: System) -> dict[str, Any]:
     size = bench.size
     single: list[float] = []
     batch: list[float] = []
+    system.defer_one("bench_noop")  # connect before timing
     for _ in range(size.runs):
         system.reset()
         start = time.perf_counter()
@@ -50,13 +51,19 @@ def run(bench: Bench, systems: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"single_jobs": size.enqueue_single, "batches": size.enqueue_batches}
     if "skiplock" in wanted:
         log("enqueue Skiplock")
-        out["skiplock"] = measure(bench, SkiplockSystem(bench.target))
+        skiplock = SkiplockSystem(bench.target)
+        try:
+            out["skiplock"] = measure(bench, skiplock)
+        finally:
+            skiplock.close()
     if "procrastinate" in wanted:
         log("enqueue bare procrastinate")
         system = ProcrastinateSystem(bench.target)
         system.setup()
-        out["procrastinate"] = measure(bench, system)
-        system.close()
+        try:
+            out["procrastinate"] = measure(bench, system)
+        finally:
+            system.close()
     for name, backend, label in celery_client.SYSTEMS:
         if name in wanted and bench.has_celery:
             log(f"enqueue {label}")

@@ -46,6 +46,25 @@ def load() -> list[float]:
         return []
 
 
+def fsync_ms(directory: str, rounds: int = 50) -> float | None:
+    """Median time of one 8 kB write + fdatasync where the database lives (what every commit waits for)."""
+    import statistics
+    import tempfile
+    import time
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as handle:
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                os.pwrite(handle.fileno(), b"x" * 8192, 0)
+                os.fdatasync(handle.fileno())
+                times.append((time.perf_counter() - start) * 1000)
+    except OSError:
+        return None
+    return round(statistics.median(times), 3)
+
+
 def collect(bench: Bench) -> dict[str, Any]:
     target = bench.target
     settings: dict[str, str] = {}
@@ -54,7 +73,8 @@ def collect(bench: Bench) -> dict[str, Any]:
             row = conn.execute("SELECT current_setting(%s, true)", [name]).fetchone()
             settings[name] = row[0] if row else ""
         pg_version = conn.execute("SELECT version()").fetchone()[0]
-    packages = {}
+        data_dir = conn.execute("SELECT current_setting('data_directory', true)").fetchone()[0]
+    packages: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             packages[name] = version(name)
@@ -70,4 +90,5 @@ def collect(bench: Bench) -> dict[str, Any]:
         "postgresql_settings": settings,
         "packages": packages,
         "load_at_start": load(),
+        "fsync_ms": fsync_ms(str(Path(data_dir).parent)) if data_dir else None,
     }

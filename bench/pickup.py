@@ -48,7 +48,11 @@ def run(bench: Bench, systems: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"samples": size.pickup_samples, "concurrency": CONCURRENCY}
     if "skiplock" in wanted:
         log("pickup Skiplock")
-        out["skiplock"] = sample(SkiplockSystem(bench.target), size.pickup_samples)
+        skiplock = SkiplockSystem(bench.target)
+        try:
+            out["skiplock"] = sample(skiplock, size.pickup_samples)
+        finally:
+            skiplock.close()
     if "procrastinate" in wanted:
         log("pickup bare procrastinate")
         system = ProcrastinateSystem(bench.target)

@@ -66,30 +66,32 @@ def run(bench: Bench, systems: list[str] | None = None) -> dict[str, Any]:
         key = f"{task}/c{concurrency}/p{processes}"
         return rows.setdefault(key, {"task": task, "concurrency": concurrency, "processes": processes})
 
-    for processes in size.processes:
-        for concurrency in size.concurrencies:
-            where = f"c{concurrency}/p{processes}"
-            for system in db_systems:
-                log(f"processing {where} {system.label}")
-                for task, figures in drain(bench, system, concurrency, processes).items():
-                    row(task, concurrency, processes)[system.name] = figures
-            for name, backend, label in celery_client.SYSTEMS:
-                if name in wanted and bench.has_celery:
-                    log(f"processing {where} {label}")
-                    figures = celery_client.run(
-                        bench, "processing", backend=backend, concurrency=concurrency, processes=processes,
-                        tasks=[(task, task_name, guess(task, concurrency, processes)) for task, task_name in TASKS.items()],
-                        runs=size.runs, drain_seconds=size.drain_seconds, min_jobs=size.min_jobs,
-                        max_jobs=size.max_jobs,
-                    )
-                    for task, figure in figures["by_task"].items():
-                        row(task, concurrency, processes)[name] = figure
-            if "sql" in wanted and bench.has_pgbench:
-                log(f"processing {where} SQL loop ({concurrency * processes} connections)")
-                for task in TASKS:
-                    rates = [sqlloop.processing_rate(bench, connections=concurrency * processes, io=task == "io10")
-                             for _ in range(size.runs)]
-                    row(task, concurrency, processes)["sql"] = {"rate": summary(rates)}
-    for system in db_systems:
-        system.close()
+    try:
+        for processes in size.processes:
+            for concurrency in size.concurrencies:
+                where = f"c{concurrency}/p{processes}"
+                for system in db_systems:
+                    log(f"processing {where} {system.label}")
+                    for task, figures in drain(bench, system, concurrency, processes).items():
+                        row(task, concurrency, processes)[system.name] = figures
+                for name, backend, label in celery_client.SYSTEMS:
+                    if name in wanted and bench.has_celery:
+                        log(f"processing {where} {label}")
+                        figures = celery_client.run(
+                            bench, "processing", backend=backend, concurrency=concurrency, processes=processes,
+                            tasks=[(task, task_name, guess(task, concurrency, processes)) for task, task_name in TASKS.items()],
+                            runs=size.runs, drain_seconds=size.drain_seconds, min_jobs=size.min_jobs,
+                            max_jobs=size.max_jobs,
+                        )
+                        for task, figure in figures["by_task"].items():
+                            row(task, concurrency, processes)[name] = figure
+                if "sql" in wanted and bench.has_pgbench:
+                    log(f"processing {where} SQL loop ({concurrency * processes} connections)")
+                    for task in TASKS:
+                        rates = [sqlloop.processing_rate(bench, connections=concurrency * processes, io=task == "io10")
+                                 for _ in range(size.runs)]
+                        row(task, concurrency, processes)["sql"] = {"rate": summary(rates)}
+    finally:
+        for system in db_systems:
+            system.close()
     return {"rows": dict(sorted(rows.items(), key=lambda kv: (kv[1]["task"] != "noop", kv[1]["processes"], kv[1]["concurrency"])))}

@@ -1,7 +1,494 @@
+"""The printed table of figures and ratios, and docs/benchmarks.md, from a results dictionary."""
+
 from __future__ import annotations
+
 import json
 from typing import Any
+
+SYSTEMS = [
+    ("skiplock", "Skiplock"),
+    ("procrastinate", "bare procrastinate"),
+    ("celery", "Celery+Redis"),
+    ("celery_backend", "Celery+Redis+results"),
+    ("sql", "SQL limit"),
+]
+LABEL = dict(SYSTEMS)
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if digits == 0 and abs(value) >= 10:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.{max(digits, 1)}f}" if abs(value) >= 10 else f"{value:,.{max(digits, 2)}f}"
+
+
+def fig(figure: dict[str, Any] | None, digits: int = 0) -> str:
+    """median (min–max)"""
+    if not figure or figure.get("median") is None:
+        return "–"
+    if len(figure.get("runs", [])) <= 1:
+        return num(figure["median"], digits)
+    return f"{num(figure['median'], digits)} ({num(figure['min'], digits)}–{num(figure['max'], digits)})"
+
+
+def median(figure: dict[str, Any] | None) -> float | None:
+    return None if not figure else figure.get("median")
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
+    return "\n".join(out)
+
+
+def present(bench: dict[str, Any], keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, label) for k, label in keys if k in bench]
+
+
+# --- sections: (title, header, rows, note) ----------------------------------------------------------
+
+Section = tuple[str, list[str], list[list[str]], str]
+
+
+def processing_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("processing", {})
+    rows_in = result.get("rows")
+    if not rows_in:
+        return None
+    systems = [(k, lab) for k, lab in SYSTEMS if any(k in r for r in rows_in.values())]
+    header = ["job", "conc.", "proc."] + [lab for _, lab in systems] + [
+        "SL/proc.", "SL/Celery", "SL/Celery+res", "SL/SQL"]
+    rows = []
+    for row in rows_in.values():
+        skiplock = median(row.get("skiplock", {}).get("rate"))
+        cells = ["no-op" if row["task"] == "noop" else "10 ms I/O", str(row["concurrency"]), str(row["processes"])]
+        cells += [fig(row.get(k, {}).get("rate")) for k, _ in systems]
+        cells += [ratio(skiplock, median(row.get(k, {}).get("rate")))
+                  for k in ("procrastinate", "celery", "celery_backend", "sql")]
+        rows.append(cells)
+    note = ("jobs/s, median (min–max) of the runs; SL = Skiplock; the SQL limit runs at "
+            "concurrency × processes connections.")
+    return "Processing rate (pre-filled queue, drained)", header, rows, note
+
+
+def enqueue_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("enqueue")
+    if not result or ("error" in result and len(result) <= 4):
+        return None
+    systems = present(result, SYSTEMS)
+    header = ["enqueue"] + [lab for _, lab in systems] + ["SL/proc.", "SL/Celery", "SL/Celery+res", "SL/SQL"]
+    rows = []
+    for kind, label in (("single", "one at a time"), ("batch", "batches of 1,000")):
+        skiplock = median(result.get("skiplock", {}).get(kind))
+        rows.append([label] + [fig(result[k].get(kind)) for k, _ in systems] + [
+            ratio(skiplock, median(result.get(k, {}).get(kind)))
+            for k in ("procrastinate", "celery", "celery_backend", "sql")])
+    api = http_enqueue(data)
+    for label, figure in api:
+        rows.append([label, fig(figure)] + ["–"] * (len(header) - 2))
+    return "Enqueue rate", header, rows, "jobs/s, median (min–max); one commit per job (one at a time) or per batch."
+
+
+def http_enqueue(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Enqueue figures over HTTP from bench/api.py, whatever their exact keys, when they look like rates."""
+    api = data["benchmarks"].get("api") or {}
+    found = []
+    for key, value in flatten(api):
+        looks_like_enqueue = "enqueue" in key or "post" in key.lower()
+        if looks_like_enqueue and isinstance(value, dict) and "median" in value and (
+            "per_s" in key or "rate" in key or "jobs" in key
+        ):
+            found.append((f"over HTTP: {key}", value))
+    return found[:4]
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(value, dict) and not ("median" in value and "min" in value):
+        for key, inner in value.items():
+            out += flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        out.append((prefix, value))
+    return out
+
+
+def pickup_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("pickup")
+    if not result:
+        return None
+    systems = [(k, lab) for k, lab in present(result, SYSTEMS) if isinstance(result[k], dict)]
+    header = ["system", "p50 ms", "p95 ms", "p99 ms", "max ms", "enqueue call p50 ms"]
+    rows = []
+    for key, label in systems:
+        lat = result[key].get("latency_ms", {})
+        enq = result[key].get("enqueue_ms", {})
+        rows.append([label, num(lat.get("p50"), 1), num(lat.get("p95"), 1), num(lat.get("p99"), 1),
+                     num(lat.get("max"), 1), num(enq.get("p50"), 1) if enq else "–"])
+    note = (f"{result.get('samples')} samples, idle worker at concurrency {result.get('concurrency')}, "
+            "from the enqueue call to the task's first line (the enqueue call included).")
+    return "Pickup latency (idle worker, LISTEN/NOTIFY)", header, rows, note
+
+
+def endtoend_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("endtoend")
+    if not result:
+        return None
+    systems = [(k, lab) for k, lab in present(result, SYSTEMS) if isinstance(result[k], dict)]
+    header = ["system", "jobs/s", "worker still busy after last enqueue (ms)", "runs", "vs Skiplock"]
+    sl = median(result.get("skiplock", {}).get("rate"))
+    rows = [[label, fig(result[k].get("rate")), fig(result[k].get("drain_after_last_enqueue_ms")),
+             str(len(result[k].get("rate", {}).get("runs", []))), ratio(sl, median(result[k].get("rate")))]
+            for k, label in systems]
+    note = (f"{result.get('jobs'):,} no-op jobs enqueued one by one into a running worker "
+            f"(concurrency {result.get('concurrency')}); rate over first enqueue → last job done.")
+    return "End to end", header, rows, note
+
+
+def growth_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("growth")
+    if not result or not result.get("points"):
+        return None
+    points = result["points"]
+    base_rate = median(points[0]["rate"])
+    base_p50 = points[0]["pickup_ms"].get("p50")
+    header = ["finished jobs", "tables MB", "fill s", "no-op jobs/s", "vs empty", "pickup p50", "p95", "p99",
+              "p50 vs empty"]
+    rows = [[f"{p['finished_jobs']:,}", num(p.get("table_mb"), 1), num(p.get("fill_seconds"), 1), fig(p["rate"]),
+             ratio(median(p["rate"]), base_rate), num(p["pickup_ms"].get("p50"), 1),
+             num(p["pickup_ms"].get("p95"), 1), num(p["pickup_ms"].get("p99"), 1),
+             ratio(p["pickup_ms"].get("p50"), base_p50)] for p in points]
+    note = f"Skiplock, concurrency {result.get('concurrency')}, one process; pickup latency in ms."
+    return "Growth (finished jobs in the tables)", header, rows, note
+
+
+def profile_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("profile")
+    if not result or "skiplock" not in result:
+        return None
+    keys = [k for k in ("skiplock", "procrastinate") if k in result]
+    metrics = [
+        ("jobs/s while profiled", "rate", 0),
+        ("wall ms per job", "wall_ms_per_job", 2),
+        ("worker CPU ms per job", "worker_cpu_ms_per_job", 2),
+        ("PostgreSQL CPU ms per job", "server_cpu_ms_per_job", 2),
+        ("transactions per job", "commits_per_job", 1),
+        ("WAL bytes per job", "wal_bytes_per_job", 0),
+    ]
+    header = ["per job"] + [LABEL[k] for k in keys] + ["SL − proc."]
+    rows = []
+    for label, key, digits in metrics:
+        values = [result[k].get(key) for k in keys]
+        diff = values[0] - values[1] if len(values) == 2 and None not in values else None
+        rows.append([label] + [num(v, digits) for v in values] + [num(diff, digits)])
+    return ("Where the time goes (no-op jobs, concurrency 4, one process)", header, rows,
+            f"{result['skiplock'].get('jobs')} jobs drained under cProfile and pg_stat_statements.")
+
+
+def targets_section(data: dict[str, Any]) -> Section | None:
+    b = data["benchmarks"]
+    rows: list[list[str]] = []
+    proc = b.get("processing", {}).get("rows", {})
+    c4 = proc.get("noop/c4/p1", {})
+
+    def rate(row: dict[str, Any], key: str) -> float | None:
+        return median(row.get(key, {}).get("rate"))
+
+    def add(name: str, value: float | None, goal: float, shown: str, unit: str = "×", higher: bool = True) -> None:
+        if value is None:
+            rows.append([name, shown, "–", "not measured"])
+            return
+        met = value >= goal if higher else value <= goal
+        rows.append([name, shown, f"{'≥' if higher else '≤'} {goal:g}{unit}", "met" if met else "NOT met"])
+
+    sl = rate(c4, "skiplock")
+    for key, goal, name in (("celery", 1.5, "no-op c4: Skiplock / Celery+Redis"),
+                            ("procrastinate", 2.0, "no-op c4: Skiplock / bare procrastinate"),
+                            ("sql", 1 / 3, "no-op c4: Skiplock / SQL limit (4 conn.)")):
+        other = rate(c4, key)
+        value = sl / other if sl and other else None
+        add(name, value, round(goal, 2), f"{value:.2f}×" if value else "–")
+    io16 = rate(proc.get("io10/c16/p1", {}), "skiplock")
+    add("10 ms jobs c16: share of 1,600/s", io16 / 1600 if io16 else None, 0.75,
+        f"{io16 / 1600:.0%}" if io16 else "–", unit="")
+    enq = b.get("enqueue", {})
+    for kind, goal in (("single", 1.5), ("batch", 10.0)):
+        s = median(enq.get("skiplock", {}).get(kind))
+        c = median(enq.get("celery", {}).get(kind))
+        value = s / c if s and c else None
+        add(f"enqueue {kind}: Skiplock / Celery", value, goal, f"{value:.2f}×" if value else "–")
+    pick = b.get("pickup", {}).get("skiplock", {}).get("latency_ms", {})
+    add("pickup p50", pick.get("p50"), 3, f"{num(pick.get('p50'), 1)} ms", unit=" ms", higher=False)
+    add("pickup p99", pick.get("p99"), 10, f"{num(pick.get('p99'), 1)} ms", unit=" ms", higher=False)
+    points = b.get("growth", {}).get("points", [])
+    if len(points) >= 2:
+        first, last = points[0], points[-1]
+        r = (median(last["rate"]) or 0) / (median(first["rate"]) or 1)
+        add(f"rate at {last['finished_jobs']:,} finished / empty", r, 0.9, f"{r:.2f}×")
+        p = (last["pickup_ms"].get("p50") or 0) / (first["pickup_ms"].get("p50") or 1)
+        add(f"pickup p50 at {last['finished_jobs']:,} finished / empty", p, 1.1, f"{p:.2f}×", higher=False)
+    return "Targets (issue 9)", ["target", "measured", "goal", "status"], rows, ""
+
+
+def generic_section(data: dict[str, Any], name: str, title: str) -> Section | None:
+    result = data["benchmarks"].get(name)
+    if not result:
+        return None
+    rows = []
+    for key, value in flatten({k: v for k, v in result.items() if k not in ("load_before", "load_after")}):
+        if isinstance(value, dict):
+            shown = fig(value, 1)
+        elif isinstance(value, list):
+            shown = json.dumps(value)[:120]
+        else:
+            shown = str(value)[:160]
+        if key.endswith(".plan") or key.endswith(".sql"):
+            continue
+        rows.append([key, shown])
+    return title, ["figure", "value"], rows[:60], f"from bench/{name}.py"
+
+
+def sections(data: dict[str, Any]) -> list[Section]:
+    found = [
+        processing_section(data), enqueue_section(data), pickup_section(data), endtoend_section(data),
+        growth_section(data), profile_section(data), generic_section(data, "api", "API (bench/api.py)"),
+        generic_section(data, "admin", "Admin console at scale (bench/admin.py)"), targets_section(data),
+    ]
+    return [s for s in found if s is not None]
+
+
 def table(data: dict[str, Any]) -> str:
-    return json.dumps(data["benchmarks"], indent=1)[:20000]
+    out = [f"Skiplock benchmarks — size {data.get('size')}, {data.get('total_seconds', '?')} s"]
+    for title, header, rows, note in sections(data):
+        out += ["", f"== {title}", text_table(header, rows)]
+        if note:
+            out.append(f"   {note}")
+    errors = [f"{name}: {r['error']}" for name, r in data["benchmarks"].items() if isinstance(r, dict) and r.get("error")]
+    if errors:
+        out += ["", "errors:"] + [f"  {e[:300]}" for e in errors]
+    costs = biggest_costs(data)
+    if costs:
+        out += ["", "== Three biggest per-job costs (Skiplock)"]
+        out += [f"  {i}. {c['what']}: {c['ms']:.2f} ms/job — {c['remedy']}" for i, c in enumerate(costs, 1)]
+    return "\n".join(out)
+
+
+# --- the per-job costs ----------------------------------------------------------------------------
+
+REMEDIES = {
+    "fetch": "claim several jobs per round trip (one fetch for up to `concurrency` jobs) and slim the "
+             "AFTER UPDATE trigger (no attempt-number count(*) sub-query, no worker-name look-up per job)",
+    "finish": "record result and final state in one statement (a Skiplock finish function that updates "
+              "procrastinate_jobs, skiplock_job and the attempt together), and drop procrastinate's event rows "
+              "that skiplock_job_attempt already holds",
+    "record": "write the result inside the finish statement instead of a separate UPDATE + NOTIFY + commit",
+    "commits": "fewer transactions per job: claim in batches, fold the result write into the finish, and let "
+               "the worker's bookkeeping commit with synchronous_commit = off (a crash loses at most the last "
+               "fraction of a second of bookkeeping, which stalled-job recovery re-runs)",
+    "python": "fewer round trips per job (each costs Python time in psycopg and asyncio), no thread hop per job "
+              "for async tasks, and no per-job progress-flusher task when a job never reports progress",
+    "server": "leaner triggers: one UPDATE of skiplock_job per transition instead of two, no NOTIFY for "
+              "transitions nobody watches, no event rows duplicated by attempt rows",
+}
+
+
+def biggest_costs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The three largest measured costs per Skiplock job, each with what would remove it."""
+    prof = data["benchmarks"].get("profile", {}).get("skiplock")
+    if not prof:
+        return []
+    fsync = data.get("environment", {}).get("fsync_ms")
+    items: list[dict[str, Any]] = []
+    for stmt in prof.get("top_statements", []):
+        if not stmt["toplevel"]:
+            continue
+        q = stmt["query"]
+        if "procrastinate_fetch_job" in q:
+            items.append({"key": "fetch", "what": "claiming the job (fetch_job statement and its triggers)",
+                          "ms": stmt["ms_per_job"]})
+        elif "procrastinate_finish_job" in q:
+            items.append({"key": "finish", "what": "finishing the job (finish_job statement and its triggers)",
+                          "ms": stmt["ms_per_job"]})
+        elif "UPDATE skiplock_job SET result" in q:
+            items.append({"key": "record", "what": "the separate result UPDATE on skiplock_job (+ NOTIFY trigger)",
+                          "ms": stmt["ms_per_job"]})
+    if fsync and prof.get("commits_per_job"):
+        items.append({"key": "commits", "what": f"waiting for {prof['commits_per_job']:.1f} commits per job to reach "
+                      f"disk (fdatasync ≈ {fsync:.1f} ms here; group commit shares some)",
+                      "ms": prof["commits_per_job"] * fsync})
+    if prof.get("worker_cpu_ms_per_job"):
+        items.append({"key": "python", "what": "the worker's own Python CPU (psycopg, asyncio, procrastinate, "
+                      "Skiplock's middleware)", "ms": prof["worker_cpu_ms_per_job"]})
+    items.sort(key=lambda c: c["ms"], reverse=True)
+    for item in items:
+        item["remedy"] = REMEDIES[item["key"]]
+    return items[:3]
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
 def markdown(data: dict[str, Any]) -> str:
-    return "# Benchmarks\n"
+    env = data.get("environment", {})
+    pg = env.get("postgresql_settings", {})
+    packages = env.get("packages", {})
+    celery = env.get("celery_packages", {})
+    out = [
+        "# Benchmarks",
+        "",
+        "*This file is regenerated by `make bench` (`python -m bench --size full`); edit `bench/report.py`, "
+        "not this file.*",
+        "",
+        f"Measured {data.get('started_at', '?')}, size `{data.get('size')}`, whole suite "
+        f"{data.get('total_seconds', '?')} s. Raw figures: `bench/results/latest-{data.get('size')}.json` "
+        "(git-ignored; rerun to get yours).",
+        "",
+        "## Read this first",
+        "",
+        "- **The machine was shared** while this ran: other engineers' test suites were running on the same "
+        f"2 cores (load average {env.get('load_at_start')} at the start, {env.get('load_at_end')} at the end; each "
+        "benchmark's own load is in the JSON). Absolute figures are therefore low and noisy; the **ratios** "
+        "between systems measured in the same minutes are the figures to read, and even they carry the noise "
+        "shown by the min–max ranges.",
+        f"- **Commits wait for the disk.** PostgreSQL runs with its durable defaults (fsync on, "
+        f"synchronous_commit {pg.get('synchronous_commit', '?')}); one 8 kB write + fdatasync took "
+        f"**{num(env.get('fsync_ms'), 2)} ms** (median) on this disk, so every round trip that commits costs "
+        "at least that much unless group commit shares it. Redis runs without persistence (as a broker "
+        "usually does), so Celery pays no such wait: its figures are what a non-durable broker gives.",
+        "- Everything is measured on one machine in one run: the same PostgreSQL cluster for Skiplock, bare "
+        "procrastinate and the SQL limit (three databases), the same task bodies everywhere.",
+        "",
+        "## Method",
+        "",
+        "| system | how it runs |",
+        "|---|---|",
+        "| Skiplock | as users run it: `jobs.services.job_defer` / `job_defer_batch` to enqueue; workers are "
+        "`jobs.worker.run_worker` (recording middleware, job-record triggers, NOTIFY on every change) in "
+        "`python -m bench.worker_skiplock` processes, Django with `DATABASE_URL` on the bench database, DEBUG off |",
+        "| bare procrastinate | a plain `procrastinate.App` with `PsycopgConnector` on its own database (no "
+        "Skiplock tables or triggers), the same worker settings (pool of concurrency + 3, LISTEN/NOTIFY, "
+        "delete_jobs never, heartbeat 10 s) |",
+        "| Celery+Redis | Celery 5 with Debian's redis-server (no persistence) as broker, prefork pool, "
+        "default settings; installed by the bench into `bench/.venv`, never a Skiplock dependency |",
+        "| Celery+Redis+results | the same with Redis as result backend (every task stores its result) |",
+        "| SQL limit | `pgbench`: one table, one partial index; claim = `UPDATE … WHERE id = (SELECT … FOR "
+        "UPDATE SKIP LOCKED)`, complete = `UPDATE` by id, each its own transaction, prepared; enqueue = one "
+        "`INSERT` per transaction or `INSERT … SELECT` of 1,000 rows |",
+        "",
+        "Task bodies: *no-op* (returns at once) and *10 ms I/O* (`await asyncio.sleep(0.01)` in the "
+        "procrastinate-based systems, `time.sleep(0.01)` in Celery's prefork children, `\\sleep 10 ms` in "
+        "pgbench); the pickup probe sends its start time over UDP as its first act.",
+        "",
+        "- **Processing rate**: the workers are started and warmed up (a few jobs through each) and idle; "
+        "the queue is filled in one commit (Celery: 1 list renamed into the queue at once); rate = jobs / time "
+        "until no job is left. The job count adapts to the previous run so a drain lasts about "
+        f"{data.get('drain_seconds', 'a second or two')}; median (min–max) of 3 drains.",
+        "- **Enqueue**: no worker running; one job per call (each its own commit) and 1,000 per call; each run "
+        "stops at its job count or after a time cap. Celery's batch is 1,000 `apply_async` through one "
+        "producer (Celery has no bulk publish).",
+        "- **Pickup latency**: idle worker at concurrency 4; per sample: note the time, enqueue one job, the task "
+        "sends its start time; pause 20–40 ms; nearest-rank percentiles. The enqueue call is inside the figure.",
+        "- **End to end**: jobs enqueued one by one (one commit each) into a running worker at concurrency 4.",
+        "- **Growth**: finished jobs cloned in SQL from a really-run job (all its rows: queue row, events, job "
+        "record, attempt), indexes rebuilt, `VACUUM ANALYZE`; then the no-op rate and pickup latency.",
+        "- **Where the time goes**: the same drain under cProfile (worker's event-loop thread: the no-op task "
+        "is async), CPU seconds of the worker and of all PostgreSQL processes, and `pg_stat_statements` with "
+        "`track = all` (statements run inside triggers show separately), for Skiplock and bare procrastinate.",
+        "",
+        "## Hardware and software",
+        "",
+        md_table(["", ""], [
+            ["CPU", f"{env.get('cpu')} ({env.get('cpus')} cores)"],
+            ["memory", f"{env.get('memory_gib')} GiB"],
+            ["kernel", str(env.get("kernel"))],
+            ["Python", str(env.get("python"))],
+            ["PostgreSQL", str(env.get("postgresql", "")).split(" on ")[0]],
+            ["PostgreSQL settings", ", ".join(f"{k}={v}" for k, v in pg.items() if k != "server_version")],
+            ["fdatasync of 8 kB", f"{num(env.get('fsync_ms'), 2)} ms"],
+            ["packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v)],
+            ["Celery side", ", ".join(f"{k} {v}" for k, v in celery.items()) + (f", redis-server {env['redis']}" if env.get("redis") else "")],
+        ]),
+        "",
+    ]
+    for title, header, rows, note in sections(data):
+        out += [f"## {title}", "", md_table(header, rows), ""]
+        if note:
+            out += [note, ""]
+    out += profile_details(data)
+    costs = biggest_costs(data)
+    if costs:
+        out += ["## The three biggest costs per Skiplock job, and what would remove them", ""]
+        for i, cost in enumerate(costs, 1):
+            out.append(f"{i}. **{cost['what']}: {cost['ms']:.2f} ms per job.** {cost['remedy'][0].upper() + cost['remedy'][1:]}.")
+        out.append("")
+    if data.get("notes"):
+        out += ["## Notes from this run", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    errors = [f"- `{name}`: {r['error'][:400]}" for name, r in data["benchmarks"].items()
+              if isinstance(r, dict) and r.get("error")]
+    if errors:
+        out += ["## Benchmarks that failed in this run", "", *errors, ""]
+    out += [
+        "## Reproduce",
+        "",
+        "```sh",
+        "make bench                                   # the whole suite, ~25 min on 2 cores; rewrites this file",
+        ".venv/bin/python -m bench --size small --only processing   # one benchmark, small",
+        ".venv/bin/python -m bench --size small --only pickup --no-celery",
+        ".venv/bin/python -m bench --report-only bench/results/latest-full.json  # redo the table and this file",
+        "```",
+        "",
+        "Benchmarks: " + ", ".join(f"`{n}`" for n in ("enqueue", "processing", "pickup", "endtoend", "growth",
+                                                      "profile", "api", "admin")) + ". "
+        "The bench starts its own embedded PostgreSQL (instance `bench`) and its own Redis on a free port, "
+        "installs Celery into `bench/.venv` and Debian's `redis-server` with apt on first use "
+        "(`python -m bench.setup_celery`), and stops what it started. `tests/test_bench.py` runs the same "
+        "code at a tiny size in the test suite (no figures are asserted). Per-run timings of each benchmark, "
+        "the load average around it, cProfile files and worker logs are under `bench/results/`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def profile_details(data: dict[str, Any]) -> list[str]:
+    result = data["benchmarks"].get("profile", {})
+    out: list[str] = []
+    for key in ("skiplock", "procrastinate"):
+        prof = result.get(key)
+        if not prof:
+            continue
+        out += [f"### {LABEL[key]}: top statements by total time (per job)", ""]
+        out.append(md_table(
+            ["ms/job", "calls/job", "mean ms", "level", "statement"],
+            [[num(s["ms_per_job"], 3), num(s["calls_per_job"], 2), num(s["mean_ms"], 3),
+              "top" if s["toplevel"] else "in trigger/function", "`" + s["query"][:140].replace("|", "\\|") + "`"]
+             for s in prof.get("top_statements", [])[:10]],
+        ))
+        out += ["", f"### {LABEL[key]}: worker time by package (µs per job, cProfile self time, event-loop idle included in builtins)", ""]
+        out.append(md_table(["package", "µs/job"], [[k, num(v, 1)] for k, v in list(prof.get("by_package_us_per_job", {}).items())[:10]]))
+        out += ["", f"### {LABEL[key]}: top functions by self time (µs per job)", ""]
+        out.append(md_table(
+            ["function", "calls/job", "self µs/job", "cumulative µs/job"],
+            [["`" + f["function"][:90] + "`", num(f["calls_per_job"], 2), num(f["self_us_per_job"], 1),
+              num(f["cumulative_us_per_job"], 1)] for f in prof.get("top_functions", [])[:10]],
+        ))
+        out.append("")
+    return out

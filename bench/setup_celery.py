@@ -7,6 +7,7 @@ on 127.0.0.1 with a free port, without persistence, and stops it after.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -73,10 +74,8 @@ def _install_redis() -> str:
     # Debian's package may start its own service on 6379: the bench runs its own instance only.
     for pid in _redis_pids() - before:
         subprocess.run(["service", "redis-server", "stop"], capture_output=True)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
     return "installed Debian's redis-server"
 
 

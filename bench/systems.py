@@ -22,6 +22,7 @@ class System(Protocol):
     label: str
     database: str
     target: Target
+    polls: int
 
     def start_workers(self, concurrency: int, processes: int, *, profile: str | None = None) -> Processes: ...
     def fill(self, task: str, n: int) -> float: ...
@@ -46,7 +47,10 @@ class _PostgresSystem:
             self._monitor = self.target.connect(self.database)
         return self._monitor
 
+    polls = 0  # remaining() queries made: the profile subtracts them from the commit count
+
     def remaining(self) -> int:
+        self.polls += 1
         row = self.monitor().execute(
             "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
         ).fetchone()
@@ -92,7 +96,9 @@ class SkiplockSystem(_PostgresSystem):
     def __init__(self, target: Target) -> None:
         self.target = target
         self.database = target.skiplock_db
-        import bench.tasks_skiplock  # noqa: F401  (registers the bench tasks in this process too)
+        from bench.tasks_skiplock import register
+
+        register()  # the bench tasks, in this process too
 
     def worker_env(self) -> dict[str, str]:
         return python_env(
