@@ -122,6 +122,7 @@ class TaskSpec:
     takes_context: bool
     description: str
     procrastinate_task: Any = field(repr=False, default=None)
+    check: Callable[[dict[str, Any]], None] | None = field(repr=False, default=None)
 
     @property
     def is_async(self) -> bool:
@@ -153,6 +154,14 @@ class TaskSpec:
                 ],
             ) from None
         values = model.model_dump(mode="json")
+        if self.check is not None:
+            try:
+                self.check(values)
+            except ValueError as exc:
+                raise InvalidArguments(
+                    f"invalid arguments for task '{self.name}': {exc}",
+                    details=[{"field": "args", "message": str(exc), "type": "value_error"}],
+                ) from None
         nul = _nul_field(values)
         if nul is not None:
             # PostgreSQL's jsonb cannot store U+0000: refuse it here with a clear message.
@@ -266,9 +275,13 @@ def task(
     lock: str | None = None,
     queueing_lock: str | None = None,
     args_model: type[pydantic.BaseModel] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
     """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments.
 
+    `check(args)` validates what type hints cannot (one argument or another, a path inside a
+    folder): it raises ValueError, and the start is refused with InvalidArguments. Constraints
+    on one argument go in its hint: `Annotated[int, pydantic.Field(ge=1, le=4)]`.
     `args_model` replaces the model built from the type hints (adapters such as the Django
     tasks backend use it to describe a function whose wrapper takes `**kwargs`).
     """
@@ -297,7 +310,7 @@ def task(
             name=task_name, func=fn, args_model=model, queue=queue, priority=priority,
             retry=policy, soft_time_limit=float(soft_time_limit), hard_time_limit=float(hard_time_limit),
             lock=lock, queueing_lock=queueing_lock, takes_context=takes_context,
-            description=inspect.getdoc(fn) or "",
+            description=inspect.getdoc(fn) or "", check=check,
         )
         spec.procrastinate_task = app.task(
             name=task_name, queue=queue, priority=priority, retry=policy, pass_context=False,
@@ -309,7 +322,7 @@ def task(
 
 
 def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type[pydantic.BaseModel]]:
-    hints = get_type_hints(fn)
+    hints = get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
     params = list(inspect.signature(fn).parameters.values())
     takes_context = bool(params) and (
         hints.get(params[0].name) is JobContext or params[0].name in ("ctx", "context")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from django.conf import settings
 from django.db import transaction
+from pydantic import Field
 
 from jobs.context import JobContext
 from jobs.examples import deploy, documents, routes
@@ -23,21 +25,19 @@ from jobs.registry import RetryPolicy, task
 def deploy_stack(
     ctx: JobContext,
     *,
-    stack: str = "shop",
-    environment: str = "staging",
-    services: list[str] | None = None,
-    build_megabytes: int = 32,
-    health_checks: int = 3,
-    check_interval: float = 0.5,
-    fail_at_step: int | None = None,
-    fail_times: int = 1,
+    stack: Annotated[str, Field(min_length=1, max_length=63)] = "shop",
+    environment: Annotated[str, Field(min_length=1, max_length=63)] = "staging",
+    services: Annotated[list[str] | None, Field(min_length=1, max_length=20)] = None,
+    build_megabytes: Annotated[int, Field(ge=0, le=1024)] = 32,
+    health_checks: Annotated[int, Field(ge=1, le=100)] = 3,
+    check_interval: Annotated[float, Field(ge=0, le=60)] = 0.5,
+    fail_at_step: Annotated[int | None, Field(ge=1, le=4)] = None,
+    fail_times: Annotated[int, Field(ge=0)] = 1,
 ) -> dict[str, object]:
     """Deploy a stack: validate → build → run → verify, with named steps and progress.
 
     `fail_at_step` (1-4) makes that step fail on the first `fail_times` attempts, to watch retries.
     """
-    if fail_at_step is not None and not 1 <= fail_at_step <= len(deploy.STEPS):
-        raise ValueError("fail_at_step must be from 1 to 4")
     deployment = deploy.Deployment(stack, environment, services or ["api", "web", "worker"])
 
     def maybe_fail(step: int) -> None:
@@ -70,16 +70,25 @@ def deploy_stack(
     return {"manifest": manifest, "release": digest[:12], "services": report, "attempt": ctx.attempt}
 
 
-@task(queue="default", soft_time_limit=1800, hard_time_limit=3600)
+def _check_document(args: dict[str, object]) -> None:
+    if (args["text"] is None) == (args["path"] is None):
+        raise ValueError("give either 'text' or 'path'")
+    if args["path"] is not None:
+        _document_path(str(args["path"]))
+
+
+@task(queue="default", soft_time_limit=1800, hard_time_limit=3600, check=_check_document)
 def index_document(
-    ctx: JobContext, *, title: str, text: str | None = None, path: str | None = None
+    ctx: JobContext,
+    *,
+    title: Annotated[str, Field(min_length=1, max_length=255)],
+    text: str | None = None,
+    path: Annotated[str | None, Field(min_length=1, max_length=1024)] = None,
 ) -> dict[str, object]:
     """Index a document: normalise → chunk (1,000 chars, 200 overlap) → embed → store for search.
 
     Give the text itself, or `path`, a file under SKIPLOCK_DOCUMENTS_DIR.
     """
-    if (text is None) == (path is None):
-        raise ValueError("give either text or path")
     document, _ = Document.objects.update_or_create(
         job_id=ctx.job_id, defaults={"title": title, "status": Document.Status.PROCESSING, "error": ""}
     )
@@ -114,19 +123,27 @@ def index_document(
     return {"document_id": document.pk, "title": title, "characters": len(clean), "chunks": len(pieces)}
 
 
-def _read_document(path: str) -> str:
+def _document_path(path: str) -> Path:
     root = Path(str(settings.SKIPLOCK_DOCUMENTS_DIR)).resolve()
     target = (root / path).resolve()
     if not target.is_relative_to(root):
         raise ValueError(f"path must stay inside {root}")
-    return target.read_text(encoding="utf-8", errors="replace")
+    return target
+
+
+def _read_document(path: str) -> str:
+    return _document_path(path).read_text(encoding="utf-8", errors="replace")
 
 
 @task(queue="cpu", soft_time_limit=600, hard_time_limit=900)
-def optimize_route(ctx: JobContext, *, points: int = 200, seed: int = 1, max_rounds: int = 100) -> dict[str, object]:
+def optimize_route(
+    ctx: JobContext,
+    *,
+    points: Annotated[int, Field(ge=3, le=5000)] = 200,
+    seed: int = 1,
+    max_rounds: Annotated[int, Field(ge=1, le=10_000)] = 100,
+) -> dict[str, object]:
     """Optimise a round trip over `points` seeded random points (nearest neighbour + 2-opt)."""
-    if not 3 <= points <= 5000:
-        raise ValueError("points must be from 3 to 5000")
     coordinates = routes.random_points(points, seed)
     ctx.report_progress(0, "nearest neighbour")
     initial = routes.route_length(coordinates, routes.nearest_neighbour(coordinates))

@@ -48,7 +48,7 @@ def test_index_document_reads_a_sample_file_and_search_finds_it() -> None:
 def test_index_document_with_inline_text_and_the_failures_it_reports() -> None:
     ok = services.job_defer(task_name="index_document", args={"title": "inline", "text": "Hello  world\x07!"})
     empty = services.job_defer(task_name="index_document", args={"title": "empty", "text": "  \n "})
-    escape = services.job_defer(task_name="index_document", args={"title": "x", "path": "../pyproject.toml"})
+    missing = services.job_defer(task_name="index_document", args={"title": "x", "path": "no-such-file.txt"})
     with pytest.raises(InvalidArguments, match=r"'text': text cannot hold NUL characters"):
         services.job_defer(task_name="index_document", args={"title": "nul", "text": "a\x00b"})
     run_jobs(include_scheduled=True)
@@ -56,10 +56,11 @@ def test_index_document_with_inline_text_and_the_failures_it_reports() -> None:
     assert DocumentChunk.objects.get(document__job_id=ok.job_id).text == "Hello world!"
     failed = Document.objects.get(job_id=empty.job_id)
     assert (failed.status, failed.error) == ("failed", "the document holds no text")
-    record = JobRecord.objects.get(pk=escape.job_id)
-    assert record.state == "failed"
-    assert "path must stay inside" in record.error_message
-    assert Document.objects.get(job_id=escape.job_id).status == "failed"
+    record = JobRecord.objects.get(pk=missing.job_id)
+    assert (record.state, record.error_type) == ("failed", "FileNotFoundError")
+    assert Document.objects.get(job_id=missing.job_id).status == "failed"
+    with pytest.raises(InvalidArguments, match="path must stay inside"):
+        services.job_defer(task_name="index_document", args={"title": "x", "path": "../pyproject.toml"})
 
 
 def test_deploy_stack_runs_its_steps_with_progress_and_returns_a_report(

@@ -111,7 +111,9 @@ def test_argument_schemas_come_from_type_hints() -> None:
     schema = spec.json_schema()
     assert schema["type"] == "object"
     assert schema["additionalProperties"] is False
-    assert schema["properties"]["points"] == {"default": 200, "title": "Points", "type": "integer"}
+    assert schema["properties"]["points"] == {
+        "default": 200, "title": "Points", "type": "integer", "minimum": 3, "maximum": 5000,
+    }
     index = get_task("index_document").json_schema()
     assert index["required"] == ["title"]
     assert spec.validate({"points": "12"}) == {"points": 12, "seed": 1, "max_rounds": 100}
@@ -145,3 +147,16 @@ def test_the_registry_lists_tasks_with_schema_queue_priority_and_policies() -> N
 
 def test_a_task_can_still_be_called_directly_as_a_function() -> None:
     assert get_task("tests.core.bad_result")(kind="set") == {1, 2, 3}
+
+
+def test_constraints_and_checks_refuse_bad_starts_before_a_job_exists() -> None:
+    with pytest.raises(InvalidArguments, match="'fail_at_step': Input should be less than or equal to 4"):
+        get_task("deploy_stack").validate({"fail_at_step": 5})
+    with pytest.raises(InvalidArguments, match="'points': Input should be greater than or equal to 3"):
+        get_task("optimize_route").validate({"points": 2})
+    index = get_task("index_document")
+    with pytest.raises(InvalidArguments, match="give either 'text' or 'path'"):
+        index.validate({"title": "t", "text": "x", "path": "y"})
+    with pytest.raises(InvalidArguments, match="path must stay inside"):
+        index.validate({"title": "t", "path": "../pyproject.toml"})
+    assert index.validate({"title": "t", "path": "postgresql-queues.md"})["path"] == "postgresql-queues.md"
