@@ -16,8 +16,9 @@ EXACT_COUNT_CAP = 10_000
 
 
 class EstimatedCountPaginator(Paginator):
-    """Unfiltered: `reltuples`. Filtered: an exact count of at most EXACT_COUNT_CAP + 1 rows (index
-    walk), and past the cap the planner's row estimate. `estimated` says whether it is exact."""
+    """Unfiltered: `reltuples`. Filtered: the planner's row estimate (EXPLAIN, no execution); when
+    it expects at most EXACT_COUNT_CAP rows, an exact count that stops at the cap (a short index
+    walk). `estimated` says whether the number shown is an estimate."""
 
     estimated = False
 
@@ -27,11 +28,15 @@ class EstimatedCountPaginator(Paginator):
         if not queryset.query.where:
             self.estimated = True
             return dashboard.estimated_total()
+        guess = self._planner_estimate(queryset)
+        if guess > EXACT_COUNT_CAP:
+            self.estimated = True
+            return guess
         capped = queryset.order_by()[: EXACT_COUNT_CAP + 1].count()
         if capped <= EXACT_COUNT_CAP:
             return capped
         self.estimated = True
-        return max(capped, self._planner_estimate(queryset))
+        return max(capped, guess)
 
     @staticmethod
     def _planner_estimate(queryset: Any) -> int:
