@@ -180,6 +180,7 @@ def time_pages(rows: int, *, repeat: int) -> dict[str, dict[str, Any]]:
             "median_ms": round(statistics.median(times), 1),
             "max_ms": round(max(times), 1),
             "queries": len(captured),
+            "db_ms": round(sum(float(q["time"]) for q in captured.captured_queries) * 1000, 1),
             "sql": [q["sql"] for q in captured.captured_queries if "skiplock_job" in q["sql"]
                     or "procrastinate_" in q["sql"]],
         }
@@ -201,7 +202,7 @@ def run(size: str) -> dict[str, Any]:
     fill_seconds = None
     if _current_rows() != rows:
         fill_seconds = round(fill(rows), 2)
-    timings = time_pages(rows, repeat=5)
+    timings = time_pages(rows, repeat=7)
     plans = {}
     for name, result in timings.items():
         plans[name] = [{"sql": sql, "plan": explain(sql)} for sql in result.pop("sql")
@@ -236,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"job console at {result['rows']:,} jobs"
           + (f" (filled in {result['fill_seconds']} s)" if result["fill_seconds"] else " (existing data)"))
-    print(f"{'page':36} {'median':>9} {'max':>9} {'queries':>8}  scans")
+    print(f"{'page':36} {'median':>9} {'max':>9} {'in SQL':>8} {'queries':>8}  scans (beside the task/queue name probes)")
     for name, page in result["pages"].items():
-        scans = " | ".join(_index_use(p["plan"]) for p in result["plans"][name])
-        print(f"{name:36} {page['median_ms']:>7.1f}ms {page['max_ms']:>7.1f}ms {page['queries']:>8}  {scans}")
+        scans = " | ".join(_index_use(p["plan"]) for p in result["plans"][name] if "RECURSIVE" not in p["sql"])
+        print(f"{name:36} {page['median_ms']:>7.1f}ms {page['max_ms']:>7.1f}ms {page['db_ms']:>6.1f}ms "
+              f"{page['queries']:>8}  {scans}")
     print(f"slowest page {result['slowest_page_ms']} ms; all under {result['target_ms']} ms: {result['all_under_target']}")
     if args.plans:
         for name, plans in result["plans"].items():
