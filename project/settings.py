@@ -218,6 +218,17 @@ SKIPLOCK_EVENTS_POOL_SIZE = env_int("SKIPLOCK_EVENTS_POOL_SIZE", 2, minimum=1)
 SKIPLOCK_WORKER_LIVE_AFTER = env_float(
     "SKIPLOCK_WORKER_LIVE_AFTER", max(30.0, 3 * SKIPLOCK_HEARTBEAT_INTERVAL), minimum=1.0
 )
+# Under ASGI each request runs in a thread of its own, so Django's persistent connections are never
+# reused there: every request would open (and authenticate) a new PostgreSQL connection. With
+# SKIPLOCK_DB_POOL (recommended for the web server) requests share a psycopg pool instead.
+SKIPLOCK_DB_POOL = env_bool("SKIPLOCK_DB_POOL", False)
+SKIPLOCK_DB_POOL_SIZE = env_int("SKIPLOCK_DB_POOL_SIZE", 10, minimum=1)
+if SKIPLOCK_DB_POOL:
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections
+    DATABASES["default"]["OPTIONS"] = {
+        **DATABASES["default"]["OPTIONS"],  # type: ignore[dict-item]
+        "pool": {"min_size": 1, "max_size": SKIPLOCK_DB_POOL_SIZE, "timeout": 10},
+    }
 
 # --- Jobs core: Django's tasks framework (django.tasks) runs on Skiplock (jobs/django_tasks.py) ---
 # QUEUES empty: a Django task may name any queue. OPTIONS["RETRY"] takes RetryPolicy fields

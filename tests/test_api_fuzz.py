@@ -25,8 +25,8 @@ from tests.api_fixtures import api_key, bearer, clean_queue  # noqa: F401
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("clean_queue")]
 
-EXAMPLES = 12  # per operation and generation mode
-TIME_BUDGET = 40.0  # seconds for the whole run; operations left over are still run with few examples
+EXAMPLES = 10  # per operation and generation mode
+TIME_BUDGET = 30.0  # seconds for the whole run; operations left over are still run with few examples
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
