@@ -226,11 +226,13 @@ class Side:
         workers = self.start(spec["concurrency"], 1)
         stamp = self.task("bench_stamp")
         latencies: list[float] = []
+        enqueue_ms: list[float] = []
         try:
             for marker in range(spec["samples"]):
                 time.sleep(random.uniform(0.02, 0.04))
                 start = time.time()
                 stamp.delay(self.done.stamp_port, marker)
+                enqueue_ms.append((time.time() - start) * 1000)
                 deadline = time.monotonic() + 10
                 while marker not in self.done.stamps:
                     if time.monotonic() > deadline:
@@ -240,7 +242,9 @@ class Side:
         finally:
             workers.stop()
             self.purge()
-        return {"latency_ms": percentiles(latencies)}
+        after = [max(0.0, lat - enq) for lat, enq in zip(latencies, enqueue_ms, strict=True)]
+        return {"latency_ms": percentiles(latencies), "enqueue_ms": percentiles(enqueue_ms),
+                "after_enqueue_ms": percentiles(after)}
 
     def e2e(self) -> dict[str, Any]:
         spec = self.spec

@@ -39,7 +39,10 @@ def sample_running(system: System, samples: int) -> dict[str, Any]:
             system.defer_one("bench_stamp", {"port": receiver.port, "marker": marker})
             enqueue_ms.append((time.time() - start) * 1000)
             latencies.append((receiver.wait(marker) - start) * 1000)
-    return {"latency_ms": percentiles(latencies), "enqueue_ms": percentiles(enqueue_ms)}
+    # The worker's own share: from the enqueue call's return (job committed) to the task's start.
+    after = [max(0.0, lat - enq) for lat, enq in zip(latencies, enqueue_ms, strict=True)]
+    return {"latency_ms": percentiles(latencies), "enqueue_ms": percentiles(enqueue_ms),
+            "after_enqueue_ms": percentiles(after)}
 
 
 def run(bench: Bench, systems: list[str] | None = None) -> dict[str, Any]:
