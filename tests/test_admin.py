@@ -370,3 +370,15 @@ def test_the_list_status_endpoint_answers_for_many_jobs_in_one_query(admin_clien
         data = admin_client.get("/admin/jobs/jobrecord/status.json", {"ids": ",".join(map(str, ids))}).json()
     assert sorted(job["id"] for job in data["jobs"]) == sorted(ids)
     assert {job["label"] for job in data["jobs"]} == {"Running"}
+
+
+def test_filter_facet_counts_are_never_computed(admin_client: Client) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    insert_jobs(2, status="failed")
+    page = admin_client.get(LIST).content.decode()
+    assert "Show counts" not in page
+    with CaptureQueriesContext(connection) as queries:
+        admin_client.get(LIST, {"_facets": "1"})
+    assert not [q for q in queries if "COUNT(" in q["sql"].upper() and "LIMIT" not in q["sql"].upper()]

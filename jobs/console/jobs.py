@@ -209,7 +209,7 @@ def _make_action(name: str) -> Callable[..., HttpResponse | None]:
 
 
 class JobRecordAdmin(admin.ModelAdmin):
-    list_display = ("job_link", "state_badge", "task_name", "queue_name", "priority", "attempts_of",
+    list_display = ("job_link", "state_badge", "task", "queue", "priority", "attempts_of",
                     "progress_column", "step_column", "age", "duration_column", "worker_name")
     list_display_links = None
     list_filter = (StateFilter, TaskFilter, QueueFilter, CreatedFilter, FinishedFilter)
@@ -221,6 +221,7 @@ class JobRecordAdmin(admin.ModelAdmin):
     list_per_page = 50
     list_max_show_all = 200
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # "show counts" would COUNT every filter choice over the table
     paginator = EstimatedCountPaginator
     actions = [_make_action(name) for name in ACTIONS]
     change_list_template = "admin/jobs/jobrecord/change_list.html"
@@ -247,6 +248,14 @@ class JobRecordAdmin(admin.ModelAdmin):
         if not hasattr(self, "_changelist_url"):
             self._changelist_url = reverse("admin:jobs_jobrecord_changelist")
         return format_html('<a href="{}{}/change/">#{}</a>', self._changelist_url, obj.pk, obj.pk)
+
+    @admin.display(description="task")
+    def task(self, obj: JobRecord) -> str:
+        return obj.task_name
+
+    @admin.display(description="queue")
+    def queue(self, obj: JobRecord) -> str:
+        return obj.queue_name
 
     @admin.display(description="state")
     def state_badge(self, obj: JobRecord) -> str:
@@ -369,7 +378,7 @@ class JobRecordAdmin(admin.ModelAdmin):
         return TemplateResponse(request, self.confirmation_template, context)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        extra = {**(extra_context or {}), "console_nav": _nav(request), "exact_cap": EXACT_COUNT_CAP,
+        extra = {"title": "Jobs", **(extra_context or {}), "console_nav": _nav(request), "exact_cap": EXACT_COUNT_CAP,
                  "can_start": self.has_change_permission(request)}
         return super().changelist_view(request, extra)
 
