@@ -111,3 +111,28 @@ def test_postgresql_restart_while_2000_jobs_run_on_2_processes_x_4_loses_nothing
     assert result["runs"] >= 2000
     assert worker.process.poll() is None  # no crash loop: the supervisor and its processes lived on
     assert worker.terminate() == 0
+
+
+def test_repeated_worker_kills_lose_no_job_and_never_run_one_twice_at_once(
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    import os
+    import signal
+
+    worker = start_worker("battered", processes=2, concurrency=4)
+    worker.wait_ready()
+    ids = defer_many(300, work_ms=30)
+    for threshold in (50, 150):
+        wait_for(lambda threshold=threshold: finished(ids) >= threshold, timeout=120, interval=0.2,
+                 what=f"{threshold} jobs to finish")
+        victim = worker.child_pids()[0]
+        os.kill(victim, signal.SIGKILL)  # mid-batch: it is running up to 4 jobs
+        wait_for(lambda victim=victim: victim not in worker.child_pids(), timeout=30, what="the kill to be noticed")
+    wait_for(lambda: finished(ids) == 300, timeout=240, interval=0.5, what="all 300 jobs to finish")
+    result = summary(ids)
+    assert result["succeeded"] == 300
+    assert result["concurrent_duplicates"] == 0
+    lost = scalar("SELECT count(*) FROM skiplock_job_attempt WHERE job_id = ANY(%s) AND outcome = 'lost'", [ids])
+    assert lost >= 1  # the killed processes were running jobs, taken back at once
+    assert worker.process.poll() is None
+    assert worker.terminate() == 0

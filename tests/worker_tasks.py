@@ -47,6 +47,23 @@ def _write(sql: str, params: list[Any], *, deadline: float = 120.0) -> Any:
             time.sleep(0.2)
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = f"/proc/{pid}/stat"
+    try:
+        with open(stat) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 @task(queue="wtest", retry=FAST_RETRY, soft_time_limit=60, hard_time_limit=120)
 def record_run(ctx: JobContext, *, work_ms: int = 5) -> dict[str, Any]:
     """Claim the job, work a little, release: proves no job runs twice at once."""
@@ -59,8 +76,13 @@ def record_run(ctx: JobContext, *, work_ms: int = 5) -> dict[str, Any]:
         "RETURNING token",
         [ctx.job_id, token, os.getpid()],
     )
-    if row is None:  # another run of this job holds the claim right now
-        _write("INSERT INTO wtest_overlaps (job_id) VALUES (%s)", [ctx.job_id])
+    if row is None:  # another run of this job holds the claim: is it still alive?
+        holder = _write("SELECT pid FROM wtest_running WHERE job_id = %s", [ctx.job_id])
+        if holder is not None and not _alive(holder[0]):
+            # A run killed with its process (SIGKILL tests) left its claim: not an overlap.
+            _write("UPDATE wtest_running SET token = %s, pid = %s WHERE job_id = %s", [token, os.getpid(), ctx.job_id])
+        else:
+            _write("INSERT INTO wtest_overlaps (job_id) VALUES (%s)", [ctx.job_id])
     time.sleep(work_ms / 1000)
     _write("DELETE FROM wtest_running WHERE job_id = %s AND token = %s", [ctx.job_id, token])
     _write("INSERT INTO wtest_runs (job_id, token, attempt, pid) VALUES (%s, %s, %s, %s)",
