@@ -10,16 +10,19 @@ import time
 from typing import Any
 
 from bench import celery_client
-from bench.common import Bench, log, summary
+from bench.common import Bench, Processes, log, summary
 from bench.systems import ProcrastinateSystem, SkiplockSystem, System
 
 CONCURRENCY = 4
 
 
-def measure(bench: Bench, system: System) -> dict[str, Any]:
+def measure(bench: Bench, system: System, procs: Processes | None = None) -> dict[str, Any]:
+    """Against `procs` if given (workers already running), else against workers of its own."""
     size = bench.size
+    own = procs is None
     system.reset()
-    procs = system.start_workers(CONCURRENCY, 1)
+    if procs is None:
+        procs = system.start_workers(CONCURRENCY, 1)
     rates: list[float] = []
     lags: list[float] = []
     began = time.monotonic()
@@ -38,7 +41,8 @@ def measure(bench: Bench, system: System) -> dict[str, Any]:
         if system.failures():
             raise RuntimeError(f"{system.label}: some jobs did not succeed")
     finally:
-        procs.stop()
+        if own:
+            procs.stop()
     return {"rate": summary(rates), "drain_after_last_enqueue_ms": summary(lags, digits=1)}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import Bench, log, summary
+from bench.common import Bench, Processes, log, summary
 from bench.pickup import sample_running
 from bench.systems import SkiplockSystem
 
@@ -103,12 +103,15 @@ def finished_jobs(bench: Bench) -> int:
     ))
 
 
-def run(bench: Bench) -> dict[str, Any]:
+def run(bench: Bench, procs: Processes | None = None) -> dict[str, Any]:
+    """Against `procs` if given (Skiplock workers already running), else against workers of its own."""
     size = bench.size
     system = SkiplockSystem(bench.target)
     system.reset()
     points: list[dict[str, Any]] = []
-    procs = system.start_workers(CONCURRENCY, 1)
+    own = procs is None
+    if procs is None:
+        procs = system.start_workers(CONCURRENCY, 1)
     try:
         baseline = finished_jobs(bench)  # the warm-up jobs
         for point in size.growth_points:
@@ -138,7 +141,8 @@ def run(bench: Bench) -> dict[str, Any]:
         if system.failures():
             raise RuntimeError("some growth jobs did not succeed")
     finally:
-        procs.stop()
+        if own:
+            procs.stop()
         system.reset()
         system.close()
     return {"concurrency": CONCURRENCY, "points": points}

@@ -14,6 +14,7 @@ from django.db import connection
 
 from bench import endtoend, enqueue, growth, pickup, processing, profiling, report, setup_celery
 from bench.common import SIZES, Bench, Target, percentiles, summary
+from bench.systems import SkiplockSystem
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -75,25 +76,27 @@ def test_processing_drains_skiplock_and_bare_procrastinate_and_the_sql_loop(benc
     assert not_succeeded == 0
 
 
-def test_enqueue_pickup_and_end_to_end_measure_skiplock(bench: Bench) -> None:
+def test_enqueue_pickup_end_to_end_and_growth_measure_skiplock(bench: Bench) -> None:
     figures = enqueue.run(bench, systems=["skiplock", "procrastinate", "sql"])
     assert positive(figures["skiplock"]["single"])
     assert positive(figures["skiplock"]["batch"])
     assert positive(figures["procrastinate"]["batch"])
     if bench.has_pgbench:
         assert figures["sql"]["batch"]["median"] > figures["sql"]["single"]["median"]
-    latency = pickup.run(bench, systems=["skiplock"])["skiplock"]["latency_ms"]
-    assert latency["n"] == bench.size.pickup_samples
-    assert 0 < latency["p50"] <= latency["p99"]
-    e2e = endtoend.run(bench, systems=["skiplock"])["skiplock"]
-    assert positive(e2e["rate"])
-
-
-def test_growth_clones_finished_jobs_with_all_their_rows(bench: Bench) -> None:
-    result = growth.run(bench)
-    assert [p["finished_jobs"] for p in result["points"]] == list(bench.size.growth_points)
-    assert all(positive(p["rate"]) for p in result["points"])
-    assert result["points"][-1]["table_mb"] > result["points"][0]["table_mb"]
+    system = SkiplockSystem(bench.target)
+    procs = system.start_workers(2, 1)  # one set of workers for the three (each starts its own in the suite)
+    try:
+        latency = pickup.sample_running(system, bench.size.pickup_samples)["latency_ms"]
+        assert latency["n"] == bench.size.pickup_samples
+        assert 0 < latency["p50"] <= latency["p99"]
+        assert positive(endtoend.measure(bench, system, procs)["rate"])
+        points = growth.run(bench, procs)["points"]
+    finally:
+        procs.stop()
+        system.close()
+    assert [p["finished_jobs"] for p in points] == list(bench.size.growth_points)
+    assert all(positive(p["rate"]) for p in points)
+    assert points[-1]["table_mb"] > points[0]["table_mb"]
 
 
 def test_profile_attributes_the_time_of_a_drain(bench: Bench) -> None:
