@@ -132,6 +132,7 @@ def test_an_operator_finds_a_failed_job_retries_it_and_watches_a_job_run(asgi_se
             page.wait_for_timeout(200)
         width = page.locator("#sl-progress-bar .sl-progress > span").evaluate("e => e.style.width")
         assert page.evaluate("window.__sameDocument === true"), "the page reloaded while the job ran"
+        assert page.locator("#sl-live-mode").inner_text().startswith(("live", "finished"))
         assert len(seen) >= 3, seen
         assert seen == sorted(seen), seen
         assert seen[-1] > 0, seen

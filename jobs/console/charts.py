@@ -43,7 +43,7 @@ def stacked_bars(
     for fraction in (0, 0.5, 1):
         y = top_pad + plot_h * (1 - fraction)
         parts.append(f'<line class="sl-grid" x1="{left}" x2="{width - 4}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="sl-axis" x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{int(top * fraction)}</text>')
+        parts.append(f'<text class="sl-axis" x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{top * fraction:g}</text>')
     for index, bucket in enumerate(series):
         x = left + index * slot + (slot - bar) / 2
         ok_h = plot_h * bucket["succeeded"] / top
