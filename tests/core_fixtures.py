@@ -146,6 +146,19 @@ def check_abort_often(ctx: JobContext, *, calls: int = 100_000) -> dict[str, flo
 # --- fixtures and helpers ------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def clean_queue(transactional_db: None) -> None:
+    """Start each test with an empty queue.
+
+    pytest-django's flush truncates Skiplock's tables but not procrastinate's (unmanaged
+    models): jobs a previous test left waiting would otherwise run in this one. Bind it in a
+    test module (`clean_queue = core_fixtures.clean_queue`) to make it apply there.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM procrastinate_jobs")
+        cursor.execute("DELETE FROM skiplock_job_attempt")
+
+
 @pytest.fixture
 def listener() -> Iterator[psycopg.Connection[Any]]:
     """A psycopg connection LISTENing on the skiplock_job channel, as the API's SSE stream does."""
@@ -250,3 +263,13 @@ def manage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
         env=subprocess_env(), capture_output=True, text=True, timeout=timeout, check=False,
     )
+
+
+@task(name="tests.core.unique_slow", queue="core-tests", queueing_lock="slow-{key}",
+      retry=RetryPolicy(max_retries=2, backoff=0.1, jitter=0))
+def unique_slow(ctx: JobContext, *, key: str, hold: float = 0.5) -> str:
+    """Fail after `hold` seconds while holding a queueing lock (a newer job may be waiting by then)."""
+    time.sleep(hold)
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return key

@@ -18,6 +18,7 @@ listener = core_fixtures.listener
 write_counter = core_fixtures.write_counter
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 
 @pytest.mark.parametrize("task_name", ["tests.core.echo", "tests.core.aecho"])

@@ -15,10 +15,11 @@ from jobs.exceptions import InvalidArguments
 from jobs.models import JobRecord
 from jobs.registry import get_task
 from jobs.testing import run_jobs
-from tests import core_fixtures  # noqa: F401  (registers the Skiplock test tasks)
+from tests import core_fixtures
 from tests.core_django_tasks import add, explode, shout, untyped, whoami
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 
 def test_the_default_tasks_backend_is_skiplock() -> None:

@@ -17,6 +17,7 @@ from tests import core_fixtures
 from tests.core_fixtures import FAST_DEPLOY, drain
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 listener = core_fixtures.listener
 
 

@@ -12,9 +12,11 @@ from django.core.management import CommandError, call_command
 from jobs import services
 from jobs.models import JobRecord
 from jobs.testing import run_jobs
+from tests import core_fixtures
 from tests.core_fixtures import FAST_DEPLOY, manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 
 def job(*args: str) -> str:

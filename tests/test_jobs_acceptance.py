@@ -15,9 +15,11 @@ from django.conf import settings
 from django.core.management import call_command
 
 from jobs.models import JobRecord
+from tests import core_fixtures
 from tests.core_fixtures import FAST_DEPLOY, manage, subprocess_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+clean_queue = core_fixtures.clean_queue
 
 
 def show(job_id: int) -> dict[str, Any]:

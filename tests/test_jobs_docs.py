@@ -15,9 +15,10 @@ from django.core.management import CommandError, call_command
 
 from jobs import services
 from jobs.models import JobRecord
-from tests import core_fixtures  # noqa: F401  (registers the test tasks)
+from tests import core_fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 DOCS = Path(settings.BASE_DIR) / "docs"
 

@@ -10,9 +10,10 @@ from django.conf import settings
 from jobs import selectors, services
 from jobs.models import JobAttempt, JobRecord
 from jobs.testing import run_jobs
-from tests import core_fixtures  # noqa: F401  (registers the test tasks)
+from tests import core_fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 
 def test_a_succeeded_job_records_result_progress_timings_attempt_and_worker() -> None:

@@ -22,9 +22,11 @@ from jobs.exceptions import (
 )
 from jobs.models import JobAttempt, JobRecord
 from jobs.testing import run_jobs
+from tests import core_fixtures
 from tests.core_fixtures import wait_for_state, worker_in_background
 
 pytestmark = pytest.mark.django_db(transaction=True)
+clean_queue = core_fixtures.clean_queue
 
 FAST_DEPLOY = {"check_interval": 0, "build_megabytes": 1, "health_checks": 1}
 
@@ -146,14 +148,26 @@ def test_a_queueing_lock_allows_one_waiting_job_per_key() -> None:
     assert again.job_id not in (first.job_id, other_key.job_id)
 
 
-def test_retrying_a_failed_job_whose_queueing_lock_is_taken_is_refused_cleanly() -> None:
+def test_retrying_a_failed_job_whose_queueing_lock_is_taken_gives_up_the_key() -> None:
     failed = services.job_defer(task_name="tests.core.unique", args={"key": "k", "fail": True})
     run_jobs(queues=["core-tests"])
     assert JobRecord.objects.get(pk=failed.job_id).state == "failed"
-    services.job_defer(task_name="tests.core.unique", args={"key": "k"})
-    with pytest.raises(AlreadyQueued, match=f"cannot retry job {failed.job_id}"):
-        services.job_retry(job_id=failed.job_id)
-    assert JobRecord.objects.get(pk=failed.job_id).state == "failed"
+    waiting = services.job_defer(task_name="tests.core.unique", args={"key": "k"})
+    # procrastinate alone raises a unique violation here (procrastinate#1543).
+    assert services.job_retry(job_id=failed.job_id) == "todo"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, queueing_lock FROM procrastinate_jobs ORDER BY id")
+        assert cursor.fetchall() == [(failed.job_id, None), (waiting.job_id, "unique-k")]
+
+
+def test_an_automatic_retry_never_collides_with_a_waiting_job_of_its_queueing_lock() -> None:
+    first = services.job_defer(task_name="tests.core.unique_slow", args={"key": "k", "hold": 0.5})
+    with worker_in_background(queues=["core-tests"]):
+        wait_for_state(first.job_id, "doing")
+        second = services.job_defer(task_name="tests.core.unique_slow", args={"key": "k", "hold": 0})
+    # The first attempt failed while the second job waited: the retry still happened.
+    assert [a.outcome for a in JobAttempt.objects.filter(job_id=first.job_id)] == ["retried", "succeeded"]
+    assert JobRecord.objects.get(pk=second.job_id).state == "succeeded"
 
 
 def test_jobs_sharing_a_lock_never_overlap_even_with_two_workers_slots() -> None:
