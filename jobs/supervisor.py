@@ -1,8 +1,9 @@
 """The worker supervisor: N worker processes, restarted when they die, stopped with the signals it gets.
 
-`manage.py worker --processes N` runs this in the foreground. Each child is `manage.py worker
---child` (one `SkiplockWorker` with its own event loop and pool) and reports on a pipe when
-it registers and when each job starts and ends. The supervisor:
+`manage.py worker --processes N` runs this in the foreground. Each child is forked from the
+supervisor once Django is set up (so a restart takes milliseconds), runs one `SkiplockWorker`
+with its own event loop and pool, and reports on a pipe when it registers and when each job
+starts and ends. The supervisor:
 
 - forwards SIGTERM/SIGINT to every child (a second signal is forwarded too: children then
   requeue their running jobs at once) and exits 0 once all children stopped cleanly;
@@ -23,15 +24,12 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection, connections, transaction
 
 from jobs import maintenance
 
@@ -46,10 +44,73 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class ForkedProcess:
+    """The little of subprocess.Popen the supervisor needs, for a forked child."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_child(
+    *, queues: list[str], concurrency: int, processes: int, name: str | None, shutdown_grace: float | None,
+    report_fd: int | None,
+) -> int:
+    """One worker process: run a SkiplockWorker until stopped; returns the exit code."""
+    import asyncio
+
+    from jobs import timelimits
+    from jobs.worker import run_worker
+
+    # A stop signal that arrives while this process is still starting: stop right after start.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
+    reporter = timelimits.pipe_reporter(report_fd) if report_fd is not None else None
+    timelimits.set_reporter(reporter)
+    worker = asyncio.run(run_worker(
+        queues=queues, concurrency=concurrency, name=name, wait=True, processes=processes,
+        shutdown_grace=shutdown_grace, on_event=reporter,
+        on_started=lambda w: w.stop() if early else None,
+    ))
+    connections.close_all()
+    if worker.jobs_left_running:
+        # Sync tasks that ignore interruption still run in threads; their jobs were requeued.
+        logger.warning("%d job thread(s) did not stop; exiting anyway (their jobs were requeued)",
+                       worker.jobs_left_running)
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
 @dataclass
 class Child:
     index: int
-    process: subprocess.Popen[bytes]
+    process: ForkedProcess
     read_fd: int
     started: float = field(default_factory=time.monotonic)
     worker_ids: list[int] = field(default_factory=list)
@@ -116,23 +177,35 @@ class Supervisor:
         return self.name if self.processes == 1 else f"{self.name}-{index + 1}"
 
     def _spawn(self, index: int) -> None:
+        """Fork a worker process: Django is already set up here, so a (re)start takes milliseconds."""
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        command = [
-            sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "worker", "--child",
-            "--queues", ",".join(self.queues), "--concurrency", str(self.concurrency),
-            "--name", self.child_name(index), "--processes", str(self.processes),
-        ]
-        if self.shutdown_grace is not None:
-            command += ["--shutdown-grace", str(self.shutdown_grace)]
-        env = {**os.environ, "SKIPLOCK_SUPERVISOR_FD": str(write_fd)}
-        process = subprocess.Popen(
-            command, pass_fds=[write_fd], env=env, start_new_session=True, preexec_fn=_die_with_parent,
-            cwd=str(settings.BASE_DIR),
-        )
+        connections.close_all()  # never share a database connection with a child
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(read_fd)
+                for child in self.children.values():
+                    os.close(child.read_fd)
+                os.setsid()  # terminal signals reach the supervisor only; it forwards them
+                _die_with_parent()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = run_child(
+                    queues=self.queues, concurrency=self.concurrency, processes=self.processes,
+                    name=self.child_name(index), shutdown_grace=self.shutdown_grace, report_fd=write_fd,
+                )
+            except BaseException:
+                logger.exception("worker process %s failed", self.child_name(index))
+            finally:
+                logging.shutdown()
+                os._exit(code)
         os.close(write_fd)
-        self.children[index] = Child(index=index, process=process, read_fd=read_fd)
-        logger.info("started worker process %s (pid %s)", self.child_name(index), process.pid)
+        self.children[index] = Child(index=index, process=ForkedProcess(pid), read_fd=read_fd)
+        logger.info("started worker process %s (pid %s)", self.child_name(index), pid)
 
     # -- reports from children -----------------------------------------------------------------
     def _pump(self, timeout: float) -> None:

@@ -11,16 +11,12 @@ seconds, requeues the rest, and the command exits 0. A second signal requeues at
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import sys
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-
-logger = logging.getLogger("jobs.worker")
 
 
 class Command(BaseCommand):
@@ -38,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", default=None, help="worker name shown in the console (default: host-pid)")
         parser.add_argument("--shutdown-grace", type=float, default=None,
                             help="seconds running jobs get on SIGTERM (default: SKIPLOCK_SHUTDOWN_GRACE)")
-        parser.add_argument("--child", action="store_true", help="(internal) run one worker process of a supervisor")
+        parser.add_argument("--child", action="store_true", help="run one worker process, without a supervisor")
 
     def handle(
         self, *args: Any, queues: str, concurrency: int, processes: int, name: str | None,
@@ -64,27 +60,10 @@ class Command(BaseCommand):
     def _run_child(
         self, queues: list[str], concurrency: int, processes: int, name: str | None, shutdown_grace: float | None
     ) -> None:
-        import signal
-
-        from jobs import timelimits
-        from jobs.worker import run_worker
-
-        # A stop signal that arrives while this process is still starting: stop right after start.
-        early: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: early.append(signum))
+        from jobs.supervisor import run_child
 
         fd = os.environ.pop("SKIPLOCK_SUPERVISOR_FD", None)
-        reporter = timelimits.pipe_reporter(int(fd)) if fd else None
-        timelimits.set_reporter(reporter)
-        worker = asyncio.run(run_worker(
-            queues=queues, concurrency=concurrency, name=name, wait=True, processes=processes,
-            shutdown_grace=shutdown_grace, on_event=reporter,
-            on_started=lambda w: w.stop() if early else None,
-        ))
-        if worker.jobs_left_running:
-            # Sync tasks that ignore interruption still run in threads; their jobs were requeued.
-            logger.warning("%d job thread(s) did not stop; exiting anyway (their jobs were requeued)",
-                           worker.jobs_left_running)
-            logging.shutdown()
-            os._exit(0)
+        code = run_child(queues=queues, concurrency=concurrency, processes=processes, name=name,
+                         shutdown_grace=shutdown_grace, report_fd=int(fd) if fd else None)
+        if code:
+            sys.exit(code)
