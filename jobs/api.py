@@ -44,6 +44,7 @@ from jobs.exceptions import InvalidArguments, JobNotFound, SkiplockError
 from jobs.models import JobRecord
 from jobs.registry import all_tasks
 from jobs.schemas import (
+    AttemptListOut,
     ErrorOut,
     JobBatchIn,
     JobBatchOut,
@@ -56,7 +57,7 @@ from jobs.schemas import (
     TransitionOut,
     task_components,
 )
-from jobs.selectors import job_get, job_max_attempts
+from jobs.selectors import job_attempts, job_get, job_max_attempts
 from jobs.states import FINAL_STATES, DisplayState, State
 
 logger = logging.getLogger(__name__)
@@ -461,6 +462,25 @@ def get_job(request: HttpRequest, job_id: int) -> dict[str, Any]:
     principal = principal_of(request)
     principal.require("read")
     return _job_out(_visible_job(principal, job_id))
+
+
+@api.get("/jobs/{job_id}/attempts", response={200: AttemptListOut, 404: ErrorOut, **COMMON}, tags=["jobs"],
+         summary="A job's attempts")
+def get_job_attempts(request: HttpRequest, job_id: int) -> dict[str, Any]:
+    """Every run of the job: worker, start and end, outcome, and the error it ended with."""
+    principal = principal_of(request)
+    principal.require("read")
+    _visible_job(principal, job_id)
+    return {"attempts": [
+        {
+            "number": attempt.number, "worker": attempt.worker_name or None, "outcome": attempt.outcome,
+            "started_at": attempt.started_at, "finished_at": attempt.finished_at,
+            "duration_ms": _duration_ms(attempt.started_at, attempt.finished_at),
+            "error": {"type": attempt.error_type, "message": attempt.error_message,
+                      "traceback": attempt.error_traceback} if attempt.error_type else None,
+        }
+        for attempt in job_attempts(job_id=job_id)
+    ]}
 
 
 # --- steering jobs ----------------------------------------------------------------------------------------

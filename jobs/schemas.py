@@ -91,6 +91,20 @@ class JobOut(Schema):
     events_url: str
 
 
+class AttemptOut(Schema):
+    number: int
+    worker: str | None
+    outcome: str = Field(description="running, succeeded, failed, retried, aborted, lost or timed_out")
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    duration_ms: int | None
+    error: JobErrorOut | None
+
+
+class AttemptListOut(Schema):
+    attempts: list[AttemptOut]
+
+
 class JobSummaryOut(Schema):
     id: int
     task: str

@@ -179,13 +179,18 @@ def test_a_job_reads_back_with_its_result_after_a_worker_ran_it(client: httpx.Cl
 
 
 def test_a_failed_job_shows_its_error_and_can_be_retried(client: httpx.Client) -> None:
-    job_id = start(client, task="optimize_route", args={"points": 2}).json()["id"]
+    job_id = start(client, args={**FAST_DEPLOY, "fail_at_step": 2, "fail_times": 9}).json()["id"]
     run_jobs(include_scheduled=True)
     job = client.get(f"/api/jobs/{job_id}").json()
     assert job["state"] == "failed"
-    assert job["error"]["type"] == "ValueError"
-    assert "points" in job["error"]["message"]
+    assert job["error"]["type"] == "DeployStepFailed"
+    assert "injected" in job["error"]["message"]
     assert "Traceback" in job["error"]["traceback"]
+    attempts = client.get(f"/api/jobs/{job_id}/attempts").json()["attempts"]
+    assert [a["outcome"] for a in attempts] == ["retried"] * 3 + ["failed"]
+    assert [a["number"] for a in attempts] == [1, 2, 3, 4]
+    assert attempts[-1]["error"]["type"] == "DeployStepFailed"
+    assert attempts[-1]["worker"]
     retried = client.post(f"/api/jobs/{job_id}/retry")
     assert retried.status_code == 200, retried.text
     assert retried.json()["state"] == "todo"

@@ -99,19 +99,20 @@ def test_metrics_read_the_database_at_scrape_time(asgi_server: str) -> None:
 
     jobs = job_defer_batch(requests=[
         DeferRequest("deploy_stack", FAST_DEPLOY),
-        DeferRequest("optimize_route", {"points": 2}),  # fails: fewer than 3 points
+        DeferRequest("deploy_stack", {**FAST_DEPLOY, "stack": "bad", "fail_at_step": 1, "fail_times": 9}),
         DeferRequest("optimize_route", {"points": 10}, queue="cpu"),
+        DeferRequest("optimize_route", {"points": 12}),
         DeferRequest("deploy_stack", {**FAST_DEPLOY, "stack": "later"}, delay_seconds=3600),
     ])
-    assert len(jobs) == 4
+    assert len(jobs) == 5
     response = httpx.get(f"{asgi_server}/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     before = samples(response.text)
     assert before[("skiplock_database_up", ())] == 1
-    assert before[("skiplock_jobs", (("queue", "default"), ("state", "todo")))] == 2
+    assert before[("skiplock_jobs", (("queue", "default"), ("state", "todo")))] == 3
     assert before[("skiplock_jobs", (("queue", "cpu"), ("state", "todo")))] == 2
-    assert before[("skiplock_queue_depth", (("queue", "default"),))] == 1  # the delayed one is not waiting yet
+    assert before[("skiplock_queue_depth", (("queue", "default"),))] == 2  # the delayed one is not waiting yet
     assert before[("skiplock_oldest_waiting_job_age_seconds", (("queue", "cpu"),))] >= 0
     assert before[("skiplock_workers_live", ())] == 0
     assert before[("skiplock_stalled_jobs", ())] == 0
@@ -120,9 +121,10 @@ def test_metrics_read_the_database_at_scrape_time(asgi_server: str) -> None:
     run_jobs(queues=["default", "cpu"])
     after = samples(httpx.get(f"{asgi_server}/metrics").text)
     assert after[("skiplock_jobs", (("queue", "default"), ("state", "succeeded")))] == 1
+    assert after[("skiplock_jobs", (("queue", "default"), ("state", "todo")))] == 2  # a retry waits, and the delayed one
     assert after[("skiplock_jobs_processed_total", (("outcome", "succeeded"), ("task", "deploy_stack")))] == 1
-    assert after[("skiplock_jobs_processed_total", (("outcome", "retried"), ("task", "optimize_route")))] == 1
-    assert after[("skiplock_job_duration_seconds_count", (("outcome", "succeeded"), ("task", "optimize_route")))] == 1
+    assert after[("skiplock_jobs_processed_total", (("outcome", "retried"), ("task", "deploy_stack")))] == 1
+    assert after[("skiplock_job_duration_seconds_count", (("outcome", "succeeded"), ("task", "optimize_route")))] == 2
     assert after[("skiplock_job_duration_seconds_bucket", (("le", "+Inf"), ("outcome", "succeeded"),
                                                            ("task", "deploy_stack")))] == 1
     assert after[("skiplock_queue_depth", (("queue", "cpu"),))] == 0
