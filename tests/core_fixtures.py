@@ -134,6 +134,12 @@ def unique(*, key: str, fail: bool = False) -> str:
     return key
 
 
+@task(name="tests.core.bad_progress", queue="core-tests", retry=NO_RETRY)
+def bad_progress(ctx: JobContext, *, percent: float) -> None:
+    """Report an impossible progress."""
+    ctx.report_progress(percent)
+
+
 @task(name="tests.core.check_abort_often", queue="core-tests")
 def check_abort_often(ctx: JobContext, *, calls: int = 100_000) -> dict[str, float]:
     """Call should_abort() `calls` times and say how long it took."""

@@ -44,6 +44,7 @@ def test_ten_thousand_progress_reports_make_few_writes_and_the_last_value_is_sto
     assert record.state == "succeeded"
     assert (record.progress, record.step) == (100, "item 10000")
     writes = write_counter(job.job_id)
+    print(f"{task_name}: 10,000 progress reports -> {writes} writes to skiplock_job")
     # Progress is written at most every SKIPLOCK_PROGRESS_INTERVAL (0.1 s) over about 0.5 s,
     # plus the state changes: a handful of writes, not 10,000.
     assert 2 <= writes <= 20, writes
@@ -106,3 +107,18 @@ def test_aborting_a_running_async_task_with_a_retry_policy_ends_it_aborted_not_f
     assert (record.state, record.attempts) == ("aborted", 1)
     assert record.finished_at is not None
     assert [a.outcome for a in JobAttempt.objects.filter(job_id=job.job_id)] == ["aborted"]
+
+
+def test_current_job_outside_a_job_says_so() -> None:
+    from jobs.context import current_job
+
+    with pytest.raises(RuntimeError, match="only available while a Skiplock job runs"):
+        current_job()
+
+
+def test_progress_outside_0_to_100_fails_the_task_with_a_clear_error() -> None:
+    job = services.job_defer(task_name="tests.core.bad_progress", args={"percent": 150})
+    run_jobs(queues=["core-tests"])
+    record = JobRecord.objects.get(pk=job.job_id)
+    assert (record.state, record.error_type) == ("failed", "ValueError")
+    assert record.error_message == "progress must be a number from 0 to 100, not 150.0"
