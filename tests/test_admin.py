@@ -26,7 +26,10 @@ PAGES = [LIST, "/admin/jobs/dashboard/", "/admin/jobs/workerinfo/", "/admin/jobs
 
 @pytest.fixture(autouse=True)
 def _urls(settings: object) -> None:
+    from jobs import dashboard
+
     settings.ROOT_URLCONF = console_urlconf()  # type: ignore[attr-defined]
+    dashboard.clear_cache()  # each test sees its own jobs in the 24-hour figures
 
 
 def client_for(user: object) -> Client:
@@ -382,3 +385,19 @@ def test_filter_facet_counts_are_never_computed(admin_client: Client) -> None:
     with CaptureQueriesContext(connection) as queries:
         admin_client.get(LIST, {"_facets": "1"})
     assert not [q for q in queries if "COUNT(" in q["sql"].upper() and "LIMIT" not in q["sql"].upper()]
+
+
+def test_the_24_hour_rollup_is_reused_for_a_while(db: None) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import dashboard
+
+    insert_jobs(2, status="succeeded")
+    with CaptureQueriesContext(connection) as first:
+        board = dashboard.dashboard()
+    with CaptureQueriesContext(connection) as second:
+        again = dashboard.dashboard()
+    assert len(second) == len(first) - 1
+    assert again.finished_by_state == board.finished_by_state
+    assert board.finished_by_state["succeeded"] == 2
