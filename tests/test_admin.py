@@ -401,3 +401,27 @@ def test_the_24_hour_rollup_is_reused_for_a_while(db: None) -> None:
     assert len(second) == len(first) - 1
     assert again.finished_by_state == board.finished_by_state
     assert board.finished_by_state["succeeded"] == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_periodic_page_shows_each_schedule_with_its_last_run() -> None:
+    from jobs.periodic import all_schedules
+
+    client = client_for(make_user("root", superuser=True))
+    schedule = all_schedules()[0]
+    page = client.get("/admin/jobs/periodic/").content.decode()
+    assert schedule.task_name in page
+    assert f"<code>{schedule.cron}</code>" in page
+    assert "never" in page  # nothing has run yet
+    job_id = insert_jobs(1, task=schedule.task_name, status="succeeded")[0]
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO procrastinate_periodic_defers (task_name, periodic_id, defer_timestamp, job_id) "
+            "VALUES (%s, %s, extract(epoch FROM now())::bigint, %s)",
+            [schedule.task_name, schedule.periodic_id, job_id],
+        )
+    page = client.get("/admin/jobs/periodic/").content.decode()
+    assert f'href="/admin/jobs/jobrecord/{job_id}/change/"' in page
+    assert ">Succeeded</span>" in page
