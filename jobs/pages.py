@@ -26,7 +26,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import URLPattern, get_script_prefix, path, reverse, reverse_lazy
 from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -308,6 +308,7 @@ class ArgField:
     choices: list[str] = field(default_factory=list)
     minimum: float | None = None
     maximum: float | None = None
+    max_length: int | None = None
     numeric_choices: bool = False
     value: str = ""
     checked: bool = False
@@ -319,10 +320,18 @@ class ArgField:
 
     @property
     def type_hint(self) -> str:
-        return {
+        hint = {
             "integer": "whole number", "number": "number", "list": "list, comma-separated",
             "json": "JSON", "boolean": "yes/no",
         }.get(self.kind, "")
+        low, high = _plain(self.minimum), _plain(self.maximum)
+        if low and high:
+            hint += f" from {low} to {high}"
+        elif low:
+            hint += f", at least {low}"
+        elif high:
+            hint += f", at most {high}"
+        return hint.strip(", ")
 
     @property
     def default_text(self) -> str:
@@ -419,6 +428,7 @@ def _arg_field(name: str, prop: dict[str, Any], schema: dict[str, Any], required
         choices=[str(c) for c in main.get("enum", [main.get("const")])] if kind == "select" else [],
         minimum=_bound(main, "minimum", "exclusiveMinimum"),
         maximum=_bound(main, "maximum", "exclusiveMaximum"),
+        max_length=main.get("maxLength") if isinstance(main.get("maxLength"), int) else None,
         numeric_choices=kind == "select" and all(
             isinstance(c, int | float) and not isinstance(c, bool) for c in main.get("enum", [main.get("const")])
         ),
@@ -436,7 +446,7 @@ def _kind(name: str, main: dict[str, Any], prop: dict[str, Any]) -> str:
         return "select"
     kind = main.get("type")
     if kind == "string":
-        long = main.get("maxLength", 0) > 200 or main.get("format") == "textarea" or name in ("text", "body", "content")
+        long = main.get("format") == "textarea" or name in ("text", "body", "content")
         return "textarea" if long else "text"
     if kind in ("integer", "number", "boolean"):
         return str(kind)
@@ -448,6 +458,12 @@ def _kind(name: str, main: dict[str, Any], prop: dict[str, Any]) -> str:
 def _bound(main: dict[str, Any], inclusive: str, exclusive: str) -> float | None:
     value = main.get(inclusive, main.get(exclusive))
     return float(value) if isinstance(value, int | float) else None
+
+
+def _plain(bound: float | None) -> str:
+    if bound is None:
+        return ""
+    return str(int(bound)) if bound == int(bound) else str(bound)
 
 
 def read_form(form: TaskForm, data: Any) -> tuple[dict[str, Any], float | None]:
@@ -618,15 +634,44 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     )
 
 
+def component_context(
+    job: JobView | None, *, compact: bool = False, heading: bool = True, level: int = 2, return_to: str = "",
+) -> dict[str, Any]:
+    """What templates/jobs/components/job_status.html renders; the fragment URL keeps the options."""
+    level = min(5, max(1, int(level)))
+    query = {"level": str(level)}
+    if compact:
+        query["compact"] = "1"
+    if not heading:
+        query["heading"] = "0"
+    if return_to:
+        query["next"] = return_to
+    return {
+        "job": job, "compact": compact, "heading": heading, "level": level, "sublevel": level + 1,
+        "return_to": return_to, "fragment_query": urlencode(query),
+    }
+
+
 @login_required(login_url=LOGIN_URL)
 @never_cache
 @require_GET
 def job_fragment(request: HttpRequest, job_id: int) -> HttpResponse:
     """The status component alone, for the script to swap in when a job changes state."""
     job = job_view(get_visible_job(request.user, job_id), request.user)
+    options = request.GET
+    try:
+        level = int(options.get("level", "2"))
+    except ValueError:
+        level = 2
+    return_to = options.get("next", "")
+    if not url_has_allowed_host_and_scheme(return_to, {request.get_host()}, require_https=request.is_secure()):
+        return_to = job.urls["page"]
     return render(
         request, "jobs/components/job_status.html",
-        {"job": job, "compact": request.GET.get("compact") == "1", "heading": True, "return_to": job.urls["page"]},
+        component_context(
+            job, compact=options.get("compact") == "1", heading=options.get("heading") != "0",
+            level=level, return_to=return_to,
+        ),
     )
 
 

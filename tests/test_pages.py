@@ -90,6 +90,12 @@ def test_the_launcher_has_a_form_per_task_with_typed_inputs_and_defaults(alice: 
     assert 'type="number"' in megabytes.group(0)
     assert 'step="1"' in megabytes.group(0)
     assert 'value="32"' in megabytes.group(0)
+    assert 'min="0"' in megabytes.group(0)
+    assert 'max="1024"' in megabytes.group(0)
+    assert "Whole number from 0 to 1024; default 32" in html
+    stack = re.search(r'<input id="id-deploy_stack-stack"[^>]*>', html, re.S)
+    assert stack is not None
+    assert 'maxlength="63"' in stack.group(0)
     interval = re.search(r'<input id="id-deploy_stack-check_interval"[^>]*>', html, re.S)
     assert interval is not None
     assert 'step="any"' in interval.group(0)
@@ -157,6 +163,15 @@ def test_a_bad_argument_is_shown_beside_its_field_with_the_apis_message_and_star
     assert "The job was not started." in html
     assert 'value="2.5"' in html  # what was typed stays in the form
     assert re.search(r'<details class="sk-task sk-card" id="task-deploy_stack" open>', html)
+
+
+@pytest.mark.django_db
+def test_a_value_out_of_the_tasks_range_is_refused_with_the_range(alice: User) -> None:
+    response = signed_in(alice).post("/", launcher_post("optimize_route", points="9000"))
+    assert response.status_code == 422
+    field = re.search(r'data-field="points">.*?</div>', html_of(response), re.S)
+    assert field is not None
+    assert "Input should be less than or equal to 5000." in field.group(0)
 
 
 @pytest.mark.django_db
@@ -326,6 +341,15 @@ def test_the_fragment_is_the_component_alone(alice: User) -> None:
     compact = html_of(signed_in(alice).get(f"/jobs/{job.pk}/status?compact=1"))
     assert "sk-job--compact" in compact
     assert "Cancel job" not in compact
+    page = html_of(signed_in(alice).get(f"/jobs/{job.pk}/"))
+    assert f'data-fragment-url="/jobs/{job.pk}/status?level=1&amp;next=%2Fjobs%2F{job.pk}%2F"' in page
+    assert '<h1 id="sk-job-' in page
+    kept = html_of(signed_in(alice).get(f"/jobs/{job.pk}/status?level=3&next=/reports/9/"))
+    assert '<h3 id="sk-job-' in kept
+    assert 'name="next" value="/reports/9/"' in kept
+    assert "level=3&amp;next=%2Freports%2F9%2F" in kept  # the next swap keeps the options
+    foreign = html_of(signed_in(alice).get(f"/jobs/{job.pk}/status?next=https://evil.example/"))
+    assert "evil.example" not in foreign
 
 
 @pytest.mark.django_db(transaction=True)
@@ -380,7 +404,7 @@ def test_every_display_state_renders_with_its_label_and_colour(shown: DisplaySta
     )
     assert record.display_state == shown
     view = pages.job_view(record, None, now=now)
-    html = render_to_string("jobs/components/job_status.html", {"job": view})
+    html = render_to_string("jobs/components/job_status.html", pages.component_context(view))
     assert f'<span class="sk-badge sk-badge--{colour(shown)}" data-sk="badge" data-state="{shown}">{label(shown)}</span>' in html
     assert f".sk-badge--{colour(shown)} " in (Path(__file__).resolve().parent.parent / "jobs/static/skiplock/pages/pages.css").read_text()
     assert 'aria-valuenow="40"' in html

@@ -157,6 +157,11 @@ def test_a_bad_argument_is_shown_at_its_field_and_nothing_starts(browser: Any, a
     context = session_for(browser, asgi_server, alice)
     page = context.new_page()
     page.goto("/")
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+                 .filter(el => !el.labels || el.labels.length === 0).map(el => el.name)"""
+    )
+    assert unlabelled == []
     form = page.locator("form[data-sk-form=deploy_stack]")
     form.locator("[name=arg-build_megabytes]").fill("2.5")
     form.locator("button[type=submit]").click()
@@ -169,6 +174,8 @@ def test_a_bad_argument_is_shown_at_its_field_and_nothing_starts(browser: Any, a
     assert page.evaluate("document.activeElement.dataset.sk") == "form-errors"
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
     shot(page, "launcher-bad-argument")
+    page.click("[data-sk=form-errors] a")  # the summary links to the field
+    assert page.evaluate("document.activeElement.name") == "arg-build_megabytes"
     assert not JobRecord.objects.exists()
     context.close()
 

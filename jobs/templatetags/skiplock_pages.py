@@ -28,9 +28,14 @@ register = template.Library()
 
 @register.inclusion_tag("jobs/components/job_status.html", takes_context=True)
 def skiplock_job_status(
-    context: template.Context, job: Any, *, compact: bool = False, heading: bool = True
+    context: template.Context, job: Any, *, compact: bool = False, heading: bool = True, level: int = 2,
+    return_to: str | None = None,
 ) -> dict[str, Any]:
-    """The live status component of one job (an id, a JobRecord or a JobView)."""
+    """The live status component of one job (an id, a JobRecord or a JobView).
+
+    `level` is the heading level of its title (2: an <h2>); `return_to` where cancel/stop lead
+    back to (default: the page it is on).
+    """
     request = context.get("request")
     user = getattr(request, "user", None)
     view: pages.JobView | None
@@ -46,10 +51,9 @@ def skiplock_job_status(
         else:
             record = pages.visible_jobs(user).filter(pk=job_id).first()
             view = pages.job_view(record, user) if record is not None else None
-    return {
-        "job": view, "compact": compact, "heading": heading, "request": request,
-        "return_to": request.get_full_path() if request is not None else "",
-    }
+    if return_to is None:
+        return_to = request.get_full_path() if request is not None else ""
+    return pages.component_context(view, compact=compact, heading=heading, level=level, return_to=return_to)
 
 
 @register.simple_tag

@@ -99,6 +99,10 @@
   Job.prototype.apply = function (data) {
     if (!data || typeof data !== "object") return;
     if (data.id !== undefined && String(data.id) !== this.id) return;
+    this.last = {
+      state: data.state || this.state, attempts: data.attempts,
+      progress: data.progress, step: data.step
+    };
     if (typeof data.progress === "number") this.setProgress(data.progress, data.step);
     else if (typeof data.step === "string") this.setText("step", data.step);
     if (typeof data.attempts === "number") {
@@ -149,36 +153,54 @@
   };
 
   // Swap in the server's rendering of the component: results, errors, buttons, timestamps.
+  // Asked again while a request is out (the state moved on meanwhile), it fetches once more after.
   Job.prototype.refresh = function () {
     var self = this, url = this.root.dataset.fragmentUrl;
     if (!url) return Promise.resolve();
-    if (this.refreshing) return this.refreshing;
+    if (this.refreshing) {
+      this.refreshAgain = true;
+      return this.refreshing;
+    }
     this.refreshing = fetch(url, { credentials: "same-origin", cache: "no-store", headers: { Accept: "text/html" } })
       .then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.text();
       })
-      .then(function (html) {
-        var holder = document.createElement("template");
-        holder.innerHTML = html.trim();
-        var fresh = holder.content.querySelector("[data-skiplock-job]");
-        if (!fresh) return;
-        var hadFocus = self.root.contains(document.activeElement);
-        Array.prototype.slice.call(fresh.attributes).forEach(function (attr) {
-          self.root.setAttribute(attr.name, attr.value);
-        });
-        self.root.innerHTML = fresh.innerHTML;
-        self.read();
-        if (hadFocus) {
-          var title = self.root.querySelector(".sk-job__title");
-          if (title) { title.setAttribute("tabindex", "-1"); title.focus(); }
-        }
-        if (self.final) self.stop();
-        else if (!self.managed && !self.es && !self.polling) self.follow();
-      })
+      .then(function (html) { self.swap(html); })
       .catch(function () { /* the next event or poll tries again */ })
-      .then(function () { self.refreshing = null; });
+      .then(function () {
+        self.refreshing = null;
+        if (self.refreshAgain) {
+          self.refreshAgain = false;
+          return self.refresh();
+        }
+      });
     return this.refreshing;
+  };
+
+  Job.prototype.swap = function (html) {
+    var holder = document.createElement("template");
+    holder.innerHTML = html.trim();
+    var fresh = holder.content.querySelector("[data-skiplock-job]");
+    if (!fresh) return;
+    var root = this.root, hadFocus = root.contains(document.activeElement);
+    Array.prototype.slice.call(fresh.attributes).forEach(function (attr) {
+      root.setAttribute(attr.name, attr.value);
+    });
+    root.innerHTML = fresh.innerHTML;
+    this.read();
+    // A rendering started before the latest progress event must not move the bar back.
+    var last = this.last, shown = parseInt(root.dataset.progress, 10);
+    if (!this.final && last && typeof last.progress === "number" && last.progress > shown &&
+        last.state === this.state && String(last.attempts) === root.dataset.attempts) {
+      this.setProgress(last.progress, last.step);
+    }
+    if (hadFocus) {
+      var title = root.querySelector(".sk-job__title");
+      if (title) { title.setAttribute("tabindex", "-1"); title.focus(); }
+    }
+    if (this.final) this.stop();
+    else if (!this.managed && !this.es && !this.polling) this.follow();
   };
 
   Job.prototype.finish = function () {
@@ -187,8 +209,8 @@
     this.stop();
     var self = this;
     return this.refresh().then(function () {
-      // The record can trail its state by a moment; keep polling until the page agrees.
-      if (!self.final && !self.managed) self.poll();
+      // The page must agree that the job ended; if it does not yet, ask again every 2 s.
+      if (!self.final) { self.managed = false; self.poll(); }
     });
   };
 
