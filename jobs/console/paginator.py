@@ -21,6 +21,7 @@ class EstimatedCountPaginator(Paginator):
     walk). `estimated` says whether the number shown is an estimate."""
 
     estimated = False
+    exact = True  # False: never count, show the planner's estimate (searches that scan, not seek)
 
     @cached_property
     def count(self) -> int:
@@ -29,7 +30,7 @@ class EstimatedCountPaginator(Paginator):
             self.estimated = True
             return dashboard.estimated_total()
         guess = self._planner_estimate(queryset)
-        if guess > EXACT_COUNT_CAP:
+        if guess > EXACT_COUNT_CAP or not self.exact:
             self.estimated = True
             return guess
         capped = queryset.order_by()[: EXACT_COUNT_CAP + 1].count()
