@@ -224,6 +224,52 @@ def test_the_launcher_lists_only_the_visitors_own_recent_jobs(alice: User, bob: 
     assert f'data-events-url="/api/events?ids={mine.pk}"' in html
 
 
+def test_every_kind_of_argument_gets_an_input_and_reads_back_as_the_api_would_receive_it() -> None:
+    from typing import Annotated, Literal
+
+    import pydantic
+    from django.http import QueryDict
+
+    from jobs.registry import RetryPolicy, TaskSpec
+
+    model = pydantic.create_model(
+        "ExampleArgs",
+        __config__=pydantic.ConfigDict(extra="forbid"),
+        size=(Literal["s", "m", "l"], "m"),
+        level=(Literal[1, 2, 3], 1),
+        dry_run=(bool, True),
+        ids=(list[int], [1]),
+        options=(dict[str, int], {}),
+        notes=(Annotated[str, pydantic.Field(json_schema_extra={"x-widget": "textarea"})], ""),
+        limit=(int | None, None),
+    )
+    spec = TaskSpec(
+        name="example", func=lambda **kw: kw, args_model=model, queue="default", priority=0,
+        retry=RetryPolicy(), soft_time_limit=1, hard_time_limit=2, lock=None, queueing_lock=None,
+        takes_context=False, description="An example.\n\nWith `code`.",
+    )
+    form = pages.task_form(spec)
+    kinds = {arg.name: arg.kind for arg in form.fields}
+    assert kinds == {
+        "size": "select", "level": "select", "dry_run": "boolean", "ids": "list", "options": "json",
+        "notes": "textarea", "limit": "integer",
+    }
+    assert form.description == "With `code`."
+    data = QueryDict(mutable=True)
+    data.update({"arg-size": "l", "arg-level": "2", "arg-ids": "3, 4\n5", "arg-options": '{"a": 1}',
+                 "arg-notes": "  keep  ", "arg-limit": ""})
+    args, delay = pages.read_form(form, data)
+    assert delay is None
+    assert spec.validate(args) == {
+        "size": "l", "level": 2, "dry_run": False, "ids": [3, 4, 5], "options": {"a": 1},
+        "notes": "  keep  ", "limit": None,
+    }
+    data["arg-options"] = "{nope"
+    pages.read_form(form := pages.task_form(spec), data)
+    assert form.has_errors
+    assert form.fields[4].errors[0].startswith("Not valid JSON")
+
+
 # --- CSRF ----------------------------------------------------------------------------------------
 
 
@@ -483,6 +529,31 @@ def test_the_docs_example_renders_the_live_component_for_the_owner_only(
     html = template.render(RequestContext(request, {"report": {"job_id": job.pk}}))
     assert f'data-skiplock-job="{job.pk}"' not in html
     assert html.count("This job is not available.") == 2
+
+
+@pytest.mark.django_db
+def test_the_docs_start_view_example_starts_a_job_the_visitor_owns_and_sends_them_to_it(alice: User) -> None:
+    match = re.search(r"<!-- example: start-view[^>]*-->\s*```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert match is not None, "docs/pages.md lost its start-view example"
+    namespace: dict[str, Any] = {}
+    exec(compile(match.group(1), "docs/pages.md", "exec"), namespace)  # noqa: S102  (our own docs)
+    request = RequestFactory().post("/plan/")
+    request.user = alice
+    response = namespace["plan_route"](request)
+    record = JobRecord.objects.get(owner_id=alice.pk)
+    assert (record.task_name, record.args["points"]) == ("optimize_route", 300)
+    assert response.status_code == 302
+    assert response["Location"] == f"/jobs/{record.pk}/"
+    assert signed_in(alice).get(response["Location"]).status_code == 200
+
+
+@pytest.mark.django_db
+def test_signing_out_ends_the_session(alice: User) -> None:
+    client = signed_in(alice)
+    response = client.post("/logout/")
+    assert response.status_code == 302
+    assert response["Location"] == "/login/"
+    assert client.get("/").status_code == 302
 
 
 def test_the_component_tag_accepts_nonsense_quietly() -> None:
