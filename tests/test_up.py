@@ -202,6 +202,20 @@ def test_a_second_copy_on_another_database_says_the_port_is_in_use(up: Up) -> No
     assert not EmbeddedPostgres("test_fdn_up_other").home.exists()  # gave up before touching a database
 
 
+def test_an_unreachable_database_url_is_one_clear_line_and_nothing_is_left(up: Up) -> None:
+    env = {**up.env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing", "PORT": str(free_port()),
+           "FDN_UP_MARKER": "unreachable"}
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "up"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=90
+    )
+
+    assert result.returncode == 1
+    assert "CommandError: cannot use the database (DATABASE_URL): connection failed" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert processes_with_env("FDN_UP_MARKER=unreachable") == []  # the web server it had started is gone
+
+
 def test_sigterm_stops_web_worker_and_database_and_leaves_no_process(up: Up) -> None:
     assert up.leftovers(), "the running service should carry the marker"
     data_dir = EmbeddedPostgres(INSTANCE).data_dir

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import OperationalError
 
 from project.embedded_postgres import (
     STATE_DIR,
@@ -49,14 +50,16 @@ class Command(BaseCommand):
         instance = os.environ.get("SKIPLOCK_PG_INSTANCE") or "dev"
         cluster = EmbeddedPostgres(instance) if settings.EMBEDDED_DATABASE else None
         self.instance = instance if cluster is not None else "external"
-        lock = self._single_instance_lock()
+        # One `up` per embedded database; several may share an external one (DATABASE_URL).
+        lock = self._single_instance_lock() if cluster is not None else None
         host = os.environ.get("HOST", "127.0.0.1")
         try:
             port = int(os.environ.get("PORT", "8000"))
         except ValueError:
             raise CommandError(f"PORT={os.environ['PORT']!r} is not a TCP port") from None
         if not port_is_free(port, host):
-            lock.close()
+            if lock is not None:
+                lock.close()
             raise CommandError(
                 f"port {port} on {host} is in use (another Skiplock, or another program); "
                 "stop it or run with PORT=<another port>"
@@ -97,13 +100,18 @@ class Command(BaseCommand):
                 stopping.wait(0.5)
         except EmbeddedPostgresError as exc:
             raise CommandError(str(exc)) from None
+        except OperationalError as exc:
+            where = "the embedded PostgreSQL" if cluster is not None else "DATABASE_URL"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CommandError(f"cannot use the database ({where}): {reason}") from None
         finally:
             self._stop(children)
             if cluster is not None and started_db:
                 cluster.stop()
                 _started_marker(cluster).unlink(missing_ok=True)
                 self.say("up", "embedded PostgreSQL stopped")
-            lock.close()
+            if lock is not None:
+                lock.close()
 
     # -- helpers -------------------------------------------------------------------------------
     def _single_instance_lock(self) -> IO[str]:
