@@ -153,6 +153,22 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def _cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of a process and its children (Linux /proc; 0 elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    pending = [root_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            pending += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 # --- statistics ------------------------------------------------------------------------------------
 
 
@@ -292,14 +308,20 @@ def run(size: str = "small") -> dict[str, Any]:
     env = _server_env(database_url)
     python = sys.executable
     server_env = {**env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(WEB_WORKERS)}
-    result: dict[str, Any] = {"size": size, "server": f"gunicorn, {WEB_WORKERS} uvicorn workers", "cpus": os.cpu_count()}
+    result: dict[str, Any] = {"size": size, "server": f"gunicorn, {WEB_WORKERS} uvicorn workers", "cpus": os.cpu_count(),
+                              "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         with _process([python, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"],
                       server_env) as server:
             _wait_http(f"{base}/health/live", server)
-            result["post_jobs"] = {
-                str(clients): asyncio.run(_post_jobs(base, key, clients, params["requests"])) for clients in CONCURRENCY
-            }
+            result["post_jobs"] = {}
+            for clients in CONCURRENCY:
+                cpu = _cpu_seconds(server.pid)
+                figures = asyncio.run(_post_jobs(base, key, clients, params["requests"]))
+                # Load-independent: the web server's CPU per request (the machine may be shared).
+                figures["server_cpu_ms_per_request"] = round(
+                    (_cpu_seconds(server.pid) - cpu) * 1000 / (figures["requests"] + 5 * clients), 2)
+                result["post_jobs"][str(clients)] = figures
             result["batch"] = _batches(base, key, params["batches"], params["batch_size"])
             with _cursor() as cursor:
                 cursor.execute("DELETE FROM procrastinate_jobs")  # the SSE run starts on an empty queue
@@ -324,11 +346,12 @@ def run(size: str = "small") -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [f"API benchmark ({result['size']}, {result['server']}, {result['cpus']} CPUs)", "",
-             "POST /api/jobs    clients  requests   req/s    p50 ms   p95 ms   p99 ms"]
+    lines = [f"API benchmark ({result['size']}, {result['server']}, {result['cpus']} CPUs, "
+             f"load average before {result['load_average_before'][0]})", "",
+             "POST /api/jobs    clients  requests   req/s    p50 ms   p95 ms   p99 ms   server CPU ms/req"]
     for row in result["post_jobs"].values():
         lines.append(f"                  {row['clients']:>7}  {row['requests']:>8}  {row['req_per_s']:>6}  "
-                     f"{row['p50_ms']:>8}  {row['p95_ms']:>7}  {row['p99_ms']:>7}")
+                     f"{row['p50_ms']:>8}  {row['p95_ms']:>7}  {row['p99_ms']:>7}   {row['server_cpu_ms_per_request']:>8}")
     batch = result["batch"]
     lines += ["", f"POST /api/jobs/batch  {batch['batches']} × {batch['batch_size']} jobs: {batch['jobs_per_s']} jobs/s, "
                   f"p50 {batch['p50_ms']} ms per batch"]
