@@ -232,19 +232,18 @@ def test_every_kind_of_argument_gets_an_input_and_reads_back_as_the_api_would_re
 
     from jobs.registry import RetryPolicy, TaskSpec
 
-    model = pydantic.create_model(
-        "ExampleArgs",
-        __config__=pydantic.ConfigDict(extra="forbid"),
-        size=(Literal["s", "m", "l"], "m"),
-        level=(Literal[1, 2, 3], 1),
-        dry_run=(bool, True),
-        ids=(list[int], [1]),
-        options=(dict[str, int], {}),
-        notes=(Annotated[str, pydantic.Field(json_schema_extra={"x-widget": "textarea"})], ""),
-        limit=(int | None, None),
-    )
+    class ExampleArgs(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        size: Literal["s", "m", "l"] = "m"
+        level: Literal[1, 2, 3] = 1
+        dry_run: bool = True
+        ids: list[int] = [1]  # pydantic copies mutable defaults
+        options: dict[str, int] = {}
+        notes: Annotated[str, pydantic.Field(json_schema_extra={"x-widget": "textarea"})] = ""
+        limit: int | None = None
+
     spec = TaskSpec(
-        name="example", func=lambda **kw: kw, args_model=model, queue="default", priority=0,
+        name="example", func=lambda **kw: kw, args_model=ExampleArgs, queue="default", priority=0,
         retry=RetryPolicy(), soft_time_limit=1, hard_time_limit=2, lock=None, queueing_lock=None,
         takes_context=False, description="An example.\n\nWith `code`.",
     )
