@@ -374,6 +374,11 @@ def test_session_users_own_their_jobs_and_staff_see_all(asgi_server: str, client
     assert bob.http.get("/api/jobs").json()["jobs"] == []
     assert_error(alice.http.post(f"/api/jobs/{mine}/retry", headers=alice.unsafe_headers()), 403, "forbidden")
     assert alice.http.post(f"/api/jobs/{mine}/cancel", headers=alice.unsafe_headers()).json()["state"] == "cancelled"
+    # The browser follows its own job over the session (EventSource sends no CSRF token: GET needs none).
+    stream = alice.http.get(f"/api/jobs/{mine}/events")
+    assert stream.status_code == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert "event: end" in stream.text
 
     assert {job["id"] for job in staff.http.get("/api/jobs").json()["jobs"]} == {mine, by_key}
     assert staff.http.get(f"/api/jobs/{by_key}").status_code == 200
