@@ -30,7 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 class LifespanWorker:
     """ASGI wrapper: answers the lifespan protocol and runs a worker when the setting asks for one."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: Any) -> None:  # an ASGI application (Django's handler)
         self.app = app
         self.worker: Any = None
         self.task: asyncio.Task[Any] | None = None

@@ -123,11 +123,17 @@ def test_repeated_worker_kills_lose_no_job_and_never_run_one_twice_at_once(
     worker.wait_ready()
     ids = defer_many(300, work_ms=30)
     for threshold in (50, 150):
-        wait_for(lambda threshold=threshold: finished(ids) >= threshold, timeout=120, interval=0.2,
-                 what=f"{threshold} jobs to finish")
+        def enough(threshold: int = threshold) -> bool:
+            return finished(ids) >= threshold
+
+        wait_for(enough, timeout=120, interval=0.2, what=f"{threshold} jobs to finish")
         victim = worker.child_pids()[0]
         os.kill(victim, signal.SIGKILL)  # mid-batch: it is running up to 4 jobs
-        wait_for(lambda victim=victim: victim not in worker.child_pids(), timeout=30, what="the kill to be noticed")
+
+        def replaced(victim: int = victim) -> bool:
+            return victim not in worker.child_pids()
+
+        wait_for(replaced, timeout=30, what="the kill to be noticed")
     wait_for(lambda: finished(ids) == 300, timeout=240, interval=0.5, what="all 300 jobs to finish")
     result = summary(ids)
     assert result["succeeded"] == 300
