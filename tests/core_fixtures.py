@@ -153,16 +153,22 @@ def check_abort_often(ctx: JobContext, *, calls: int = 100_000) -> dict[str, flo
 
 
 @pytest.fixture(autouse=True)
-def clean_queue(transactional_db: None) -> None:
-    """Start each test with an empty queue.
+def clean_queue(transactional_db: None) -> Iterator[None]:
+    """Run each test on an empty queue, and leave it empty.
 
     pytest-django's flush truncates Skiplock's tables but not procrastinate's (unmanaged
-    models): jobs a previous test left waiting would otherwise run in this one. Bind it in a
+    models): jobs a test left waiting would otherwise run in the next one. Bind it in a
     test module (`clean_queue = core_fixtures.clean_queue`) to make it apply there.
     """
-    with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM procrastinate_jobs")
-        cursor.execute("DELETE FROM skiplock_job_attempt")
+
+    def empty() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM procrastinate_jobs")
+            cursor.execute("DELETE FROM skiplock_job_attempt")
+
+    empty()
+    yield
+    empty()
 
 
 @pytest.fixture
