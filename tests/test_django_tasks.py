@@ -135,3 +135,12 @@ def test_exception_paths_are_read_from_the_traceback() -> None:
     assert exception_path("JobAborted", "T\nasyncio.exceptions.CancelledError") == (
         "procrastinate.exceptions.JobAborted"
     )
+
+
+def test_the_async_api_enqueues_and_reads_results_too() -> None:
+    from asgiref.sync import async_to_sync
+
+    result = async_to_sync(add.aenqueue)(20, 22)
+    run_jobs()
+    done = async_to_sync(add.aget_result)(result.id)
+    assert (done.status, done.return_value) == (TaskResultStatus.SUCCESSFUL, 42)
