@@ -237,7 +237,9 @@ def format_result(result: Any) -> list[ResultItem]:
         if result is None:
             return []
         return [ResultItem(key="", label="Result", **_format_value(result))]
-    return [ResultItem(key=str(key), label=_humanize(str(key)), **_format_value(value)) for key, value in result.items()]
+    items = [ResultItem(key=str(key), label=_humanize(str(key)), **_format_value(value)) for key, value in result.items()]
+    # PostgreSQL's jsonb does not keep key order: show short values first, structures after.
+    return sorted(items, key=lambda item: 0 if item.text else 1 if item.pairs or item.columns else 2)
 
 
 def _format_value(value: Any) -> dict[str, Any]:

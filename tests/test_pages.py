@@ -481,6 +481,7 @@ def test_results_are_formatted_for_people() -> None:
     assert by_key["manifest"].pairs == [("Stack", "shop")]
     assert by_key["nothing"].text == "—"
     assert by_key["release"].label == "Release"
+    assert [item.key for item in items][-2:] == ["manifest", "route"]  # short values first
     assert pages.format_result([1, 2])[0].text == "1, 2"
     table = pages.format_result({"services": [{"name": "api", "healthy": True}, {"name": "web", "port": 80}]})[0]
     assert table.columns == ["Name", "Healthy", "Port"]
