@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.admin --rows 1000000
 
 Runs on its own embedded PostgreSQL instance (SKIPLOCK_PG_INSTANCE, default `bench_admin`) or on
-DATABASE_URL. The fill writes procrastinate_jobs and skiplock_job directly with generate_series
+DATABASE_URL's server, always in a database of its own (`skiplock_admin_bench`). The fill writes procrastinate_jobs and skiplock_job directly with generate_series
 (triggers off for that one statement pair, so a million rows take seconds): 30 days of history,
 ~90 % succeeded, 6 % failed, the newest 2,000 waiting and 20 running. Pages are served in-process
 by Django's test client with a logged-in superuser; each is timed warm (median of --repeat runs).
@@ -39,8 +39,27 @@ def _setup() -> None:
         from project.embedded_postgres import EmbeddedPostgres
 
         EmbeddedPostgres(os.environ["SKIPLOCK_PG_INSTANCE"]).start()
-    from django.core.management import call_command
+    _use_own_database()
 
+
+BENCH_DATABASE = "skiplock_admin_bench"
+
+
+def _use_own_database() -> None:
+    """Switch to a database of our own on the same server (created and migrated on first use).
+
+    The fill truncates the job tables; called from another benchmark process (`run(size)`), that
+    must never touch the application's own jobs."""
+    from django.core.management import call_command
+    from django.db import connection, connections
+
+    if connection.settings_dict["NAME"] != BENCH_DATABASE:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DATABASE])
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+        connections["default"].close()
+        connections["default"].settings_dict["NAME"] = BENCH_DATABASE
     call_command("migrate", verbosity=0)
 
 
