@@ -48,13 +48,17 @@ def test_sigkill_mid_job_the_job_runs_again_after_the_stall_timeout(
              what="the job to start")
     doomed.kill_all()  # the whole worker dies (supervisor too): nobody is left to hand the job back
     assert state_of(job_id) == "doing"
+    last_heartbeat = scalar(
+        "SELECT w.last_heartbeat FROM procrastinate_workers w JOIN skiplock_worker s ON s.worker_id = w.id "
+        "WHERE s.name = 'doomed'"
+    )
 
-    killed_at = time.monotonic()
     rescuer = start_worker("rescuer")
     rescuer.wait_ready()
     wait_for(lambda: state_of(job_id) == "succeeded", timeout=60, what="the job to succeed on the rescuer")
-    # Not before its worker had been silent for SKIPLOCK_STALLED_AFTER (4 s in tests).
-    assert time.monotonic() - killed_at >= 4
+    # Taken back only once its worker had been silent for SKIPLOCK_STALLED_AFTER (4 s in tests).
+    taken_back = scalar("SELECT finished_at FROM skiplock_job_attempt WHERE job_id = %s AND number = 1", [job_id])
+    assert (taken_back - last_heartbeat).total_seconds() >= 4
 
     attempts = attempts_of(job_id)
     assert [(a[0], a[1], a[2]) for a in attempts] == [(1, "lost", "WorkerLost"), (2, "succeeded", "")]
