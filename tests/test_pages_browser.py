@@ -216,7 +216,7 @@ def test_the_owner_cancels_a_waiting_job_with_the_button(browser: Any, asgi_serv
 
 def test_when_the_event_stream_fails_the_page_polls_and_still_sees_the_end(browser: Any, asgi_server: str) -> None:
     alice = make_user("alice")
-    job = start_job(alice, health_checks=3, check_interval=0.2)
+    job = start_job(alice, health_checks=2, check_interval=0.1)
     context = session_for(browser, asgi_server, alice)
     context.route("**/api/jobs/*/events", lambda route: route.abort())
     polled: list[str] = []
@@ -227,7 +227,7 @@ def test_when_the_event_stream_fails_the_page_polls_and_still_sees_the_end(brows
     with WorkerThread():
         page.wait_for_selector(".sk-outcome--ok", timeout=30_000)
     assert page.evaluate("window.__sameDocument") is True
-    assert len(polled) >= 2
+    assert polled  # the status came from GET /api/jobs/{id}, the stream never opened
     assert page.evaluate("window.__seen").pop() == 100
     context.close()
 
