@@ -98,6 +98,7 @@ def run_benchmarks(bench: Bench, names: list[str]) -> dict[str, Any]:
     from bench import environment
 
     results: dict[str, Any] = {}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for name in names:
         if name in EXTERNAL:
             continue
@@ -116,6 +117,8 @@ def run_benchmarks(bench: Bench, names: list[str]) -> dict[str, Any]:
         result["load_after"] = environment.load()
         results[name] = result
         log(f"== {name} done in {result['seconds']} s")
+        # Keep what is done so far: an interrupted suite still leaves its figures behind.
+        (RESULTS_DIR / f"partial-{bench.size.name}.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
