@@ -133,6 +133,7 @@ def test_a_deploy_started_from_the_launcher_shows_live_progress_survives_a_reloa
         assert seen[-1] == 100
         assert seen == sorted(seen), f"progress went backwards: {seen}"
         assert page.locator("[data-sk=badge]").inner_text() == "Succeeded"
+        assert page.title() == f"Deploy stack #{job_id} — Succeeded · Skiplock"  # the tab title follows
         assert page.locator(".sk-result__row[data-key=release] dd").inner_text().strip()
         assert "1 of 4" in page.locator("[data-sk=attempts]").inner_text()
         assert page.locator("[data-sk=elapsed-label]").inner_text() == "Took"

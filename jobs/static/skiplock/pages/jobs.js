@@ -133,6 +133,7 @@
     }
     if (fill) fill.style.width = percent + "%";
     this.setText("percent", percent + "%");
+    this.retitle();
   };
 
   Job.prototype.setBadge = function (displayState) {
@@ -145,6 +146,17 @@
     this.root.setAttribute("data-display-state", displayState);
     var fill = this.part("fill");
     if (fill) fill.className = "sk-progress__fill sk-fill--" + info.colour;
+    this.retitle();
+  };
+
+  // On a job's own page, the tab title follows it too (useful in a background tab).
+  Job.prototype.retitle = function () {
+    var body = document.body;
+    if (!body || body.getAttribute("data-sk-title-job") !== this.id) return;
+    var badge = this.part("badge"), bar = this.part("bar");
+    var label = badge ? badge.textContent : "", percent = bar ? bar.getAttribute("aria-valuenow") : "";
+    var title = body.getAttribute("data-sk-title") + " — " + label + " · Skiplock";
+    document.title = (this.final || isFinal(this.state) ? "" : percent + "% · ") + title;
   };
 
   Job.prototype.tick = function () {
@@ -189,6 +201,7 @@
     });
     root.innerHTML = fresh.innerHTML;
     this.read();
+    this.retitle();
     // A rendering started before the latest progress event must not move the bar back.
     var last = this.last, shown = parseInt(root.dataset.progress, 10);
     if (!this.final && last && typeof last.progress === "number" && last.progress > shown &&
