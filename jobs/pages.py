@@ -204,6 +204,10 @@ def _summary(spec: TaskSpec | None) -> str:
 
 def _elapsed(record: JobRecord, now: dt.datetime) -> tuple[str, float]:
     """What the clock on the page measures: waiting time, running time, or the final duration."""
+    if record.state == State.TODO and record.attempts:
+        # Waiting for a retry: since the last attempt ended (or started, if its end is unknown).
+        since = record.finished_at or record.started_at or record.created_at or now
+        return "Waiting for", max(0.0, (now - since).total_seconds())
     if record.started_at is None:
         if record.state in FINAL_STATES:
             start = record.created_at or now

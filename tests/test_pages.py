@@ -453,6 +453,12 @@ def test_every_display_state_renders_with_its_label_and_colour(shown: DisplaySta
     assert f'<span class="sk-badge sk-badge--{colour(shown)}" data-sk="badge" data-state="{shown}">{label(shown)}</span>' in html
     assert f".sk-badge--{colour(shown)} " in (Path(__file__).resolve().parent.parent / "jobs/static/skiplock/pages/pages.css").read_text()
     assert 'aria-valuenow="40"' in html
+    expected_clock = {
+        DisplayState.TODO: "Waiting for", DisplayState.SCHEDULED: "Waiting for", DisplayState.RETRYING: "Waiting for",
+        DisplayState.DOING: "Running for", DisplayState.ABORTING: "Running for", DisplayState.SUCCEEDED: "Took",
+        DisplayState.FAILED: "Took", DisplayState.ABORTED: "Took", DisplayState.CANCELLED: "Waited",
+    }[shown]
+    assert f'<dt data-sk="elapsed-label">{expected_clock}</dt>' in html
 
 
 def test_the_script_gets_every_state_from_the_one_vocabulary() -> None:
