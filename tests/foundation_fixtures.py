@@ -22,6 +22,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def throwaway_instance(suffix: str) -> str:
+    """A cluster name of this test session's own (`<session instance>_<suffix>`): two sessions
+    running the same tests side by side (each on its SKIPLOCK_PG_INSTANCE) never share one."""
+    session = os.environ.get("SKIPLOCK_PG_INSTANCE") or "test"
+    return f"{session}_{suffix}" if session.startswith("test") else f"test_{suffix}"
+
+
 def wipe_instance(cluster: EmbeddedPostgres) -> None:
     """Stop a throwaway cluster and delete its files (never the dev or the shared test one)."""
     assert cluster.instance not in ("dev", "test"), "refusing to wipe a shared cluster"

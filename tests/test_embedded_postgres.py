@@ -1,6 +1,6 @@
 """The embedded PostgreSQL: first use, idempotent start, crash recovery, clean stop, `manage.py db`.
 
-Everything runs on a throwaway cluster (`test_fdn_pg`) on a free port, wiped before and after;
+Everything runs on a throwaway cluster (`<session instance>_fdn_pg`) on a free port, wiped before and after;
 the dev cluster and the shared test cluster are never touched.
 """
 
@@ -26,9 +26,16 @@ from project.embedded_postgres import (
     EmbeddedPostgresError,
     port_variable,
 )
-from tests.foundation_fixtures import BASE_DIR, free_port, processes_in, wait_for, wipe_instance
+from tests.foundation_fixtures import (
+    BASE_DIR,
+    free_port,
+    processes_in,
+    throwaway_instance,
+    wait_for,
+    wipe_instance,
+)
 
-INSTANCE = "test_fdn_pg"
+INSTANCE = throwaway_instance("fdn_pg")
 
 needs_embedded = pytest.mark.skipif(
     not settings.EMBEDDED_DATABASE, reason="DATABASE_URL is set: the db command manages no embedded cluster"
@@ -144,7 +151,7 @@ def test_a_port_taken_by_another_program_is_a_clear_error(
         squatter.listen()
         monkeypatch.setenv(port_variable(INSTANCE), str(squatter.getsockname()[1]))
 
-        with pytest.raises(EmbeddedPostgresError, match=r"in use by another program; set SKIPLOCK_PG_TEST_FDN_PG_PORT"):
+        with pytest.raises(EmbeddedPostgresError, match=f"in use by another program; set {port_variable(INSTANCE)}"):
             cluster.start()
 
     assert not cluster.is_running()

@@ -6,6 +6,7 @@ proves that stopping it leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from django.conf import settings
 
-from project.embedded_postgres import EmbeddedPostgres, port_variable
+from project.embedded_postgres import EmbeddedPostgres, port_is_free, port_variable
 from tests.foundation_fixtures import (
     BASE_DIR,
     describe,
@@ -29,11 +30,13 @@ from tests.foundation_fixtures import (
     kill_all,
     processes_in,
     processes_with_env,
+    throwaway_instance,
     wait_for,
     wipe_instance,
 )
 
-INSTANCE = "test_fdn_up"
+INSTANCE = throwaway_instance("fdn_up")
+OTHER_INSTANCE = f"{INSTANCE}_other"
 PASSWORD_LINE = re.compile(r"created the admin account — user: admin {2}password: (\S+)")
 
 pytestmark = [
@@ -73,17 +76,18 @@ class Up:
             self.lines.append(line.rstrip("\n"))
 
     def wait_until_serving(self, timeout: float = 120) -> float:
-        """Seconds until /admin/login/ answers 200 (the run fails if `up` exits first)."""
+        """Seconds until /admin/login/ answers 200 and `up` has announced the service (the web
+        server boots while migrations run, so it may answer first); fails if `up` exits."""
         begun = time.monotonic()
+        answered = False
         while True:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"`manage.py up` exited with {self.process.returncode}:\n{self.output}")
-            try:
-                if httpx.get(f"{self.base}/admin/login/", timeout=2).status_code == 200:
-                    return time.monotonic() - begun
-            except httpx.TransportError:
-                pass
+            with contextlib.suppress(httpx.TransportError):
+                answered = answered or httpx.get(f"{self.base}/admin/login/", timeout=2).status_code == 200
+            if answered and any("Skiplock is up:" in line for line in self.lines):
+                return time.monotonic() - begun
             if time.monotonic() - begun > timeout:
                 raise AssertionError(f"/admin/login/ did not answer within {timeout}s:\n{self.output}")
             time.sleep(0.2)
@@ -136,10 +140,14 @@ def up() -> Iterator[Up]:
         if service.process is not None and service.process.poll() is None:
             service.process.kill()
         kill_all(service.leftovers())
+        for other in ("other", "unreachable"):
+            kill_all(processes_with_env(f"FDN_UP_MARKER={marker}-{other}"))
+        wipe_instance(EmbeddedPostgres(OTHER_INSTANCE))
         wipe_instance(cluster)
         (BASE_DIR / ".skiplock" / f"admin-password-{INSTANCE}").unlink(missing_ok=True)
-        for leftover in (f"up-{INSTANCE}.started-db", f"up-{INSTANCE}.lock", "up-test_fdn_up_other.lock"):
-            (BASE_DIR / ".skiplock" / leftover).unlink(missing_ok=True)
+        for name in (INSTANCE, OTHER_INSTANCE):
+            for leftover in (f"up-{name}.started-db", f"up-{name}.lock", f"admin-password-{name}"):
+                (BASE_DIR / ".skiplock" / leftover).unlink(missing_ok=True)
 
 
 def _admin_login(base: str, password: str) -> httpx.Response:
@@ -189,7 +197,8 @@ def test_a_second_copy_says_the_database_is_in_use_without_a_traceback(up: Up) -
 
 
 def test_a_second_copy_on_another_database_says_the_port_is_in_use(up: Up) -> None:
-    env = {**up.env, "SKIPLOCK_PG_INSTANCE": "test_fdn_up_other", "FDN_UP_MARKER": "other"}
+    env = {**up.env, "SKIPLOCK_PG_INSTANCE": OTHER_INSTANCE, "FDN_UP_MARKER": f"{up.env['FDN_UP_MARKER']}-other"}
+    assert not port_is_free(int(up.env["PORT"])), "the first copy holds the port"
 
     second = subprocess.run(
         [sys.executable, "manage.py", "up"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
@@ -199,12 +208,12 @@ def test_a_second_copy_on_another_database_says_the_port_is_in_use(up: Up) -> No
     assert f"port {up.env['PORT']} on 127.0.0.1 is in use" in second.stderr
     assert "PORT=<another port>" in second.stderr
     assert "Traceback" not in second.stderr + second.stdout
-    assert not EmbeddedPostgres("test_fdn_up_other").home.exists()  # gave up before touching a database
+    assert not EmbeddedPostgres(OTHER_INSTANCE).home.exists()  # gave up before touching a database
 
 
 def test_an_unreachable_database_url_is_one_clear_line_and_nothing_is_left(up: Up) -> None:
     env = {**up.env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing", "PORT": str(free_port()),
-           "FDN_UP_MARKER": "unreachable"}
+           "FDN_UP_MARKER": f"{up.env['FDN_UP_MARKER']}-unreachable"}
 
     result = subprocess.run(
         [sys.executable, "manage.py", "up"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=90
@@ -213,7 +222,7 @@ def test_an_unreachable_database_url_is_one_clear_line_and_nothing_is_left(up: U
     assert result.returncode == 1
     assert "CommandError: cannot use the database (DATABASE_URL): connection failed" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert processes_with_env("FDN_UP_MARKER=unreachable") == []  # the web server it had started is gone
+    assert processes_with_env(f"FDN_UP_MARKER={env['FDN_UP_MARKER']}") == []  # the web server it had started is gone
 
 
 def test_sigterm_stops_web_worker_and_database_and_leaves_no_process(up: Up) -> None:

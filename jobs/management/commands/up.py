@@ -39,6 +39,7 @@ PR_SET_PDEATHSIG = 1
 
 class Command(BaseCommand):
     help = "Start Skiplock: embedded PostgreSQL (unless DATABASE_URL), migrations, web server and worker."
+    requires_system_checks: list[str] = []  # run in handle(), once the web server is booting
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--no-worker", action="store_true", help="run the web server only")
@@ -74,14 +75,16 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
-            if cluster is not None:
-                self.say("up", f"starting the embedded PostgreSQL (port {cluster.port}, data in .skiplock/{cluster.instance}/)")
-                started_db = self._start_cluster(cluster)
-            # The web server boots (imports the app, forks its workers) while migrations run: on a
-            # second start that overlap is most of the wait. The worker needs the tables: it waits.
+            # The web server boots (imports the app, forks its workers) while the database starts,
+            # the checks and the migrations run: on a second start that overlap is most of the
+            # wait. It answers once it is up; the worker needs the tables, so it starts last.
             children["web"] = self._spawn(
                 "web", [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"]
             )
+            if cluster is not None:
+                self.say("up", f"starting the embedded PostgreSQL (port {cluster.port}, data in .skiplock/{cluster.instance}/)")
+                started_db = self._start_cluster(cluster)
+            self.check(display_num_errors=False)  # system checks (skipped at start: see requires_system_checks)
             self.say("up", "applying migrations")
             call_command("migrate", interactive=False, verbosity=0)
             self._ensure_admin()
