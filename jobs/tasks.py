@@ -142,21 +142,26 @@ def optimize_route(
     points: Annotated[int, Field(ge=3, le=5000)] = 200,
     seed: int = 1,
     max_rounds: Annotated[int, Field(ge=1, le=10_000)] = 100,
+    restarts: Annotated[int, Field(ge=1, le=100)] = 10,
 ) -> dict[str, object]:
-    """Optimise a round trip over `points` seeded random points (nearest neighbour + 2-opt)."""
+    """Optimise a round trip over `points` seeded random points.
+
+    Multi-start local search: 2-opt from `restarts` nearest-neighbour tours, the best one wins.
+    """
     coordinates = routes.random_points(points, seed)
     ctx.report_progress(0, "nearest neighbour")
     initial = routes.route_length(coordinates, routes.nearest_neighbour(coordinates))
 
-    def on_round(number: int, length: float) -> None:
-        ctx.report_progress(min(99, 100 * number / max_rounds), f"2-opt round {number}: {length:.1f}")
+    def on_progress(fraction: float, step: str) -> None:
+        ctx.report_progress(min(99.0, 100 * fraction), step)
 
-    route, rounds = routes.optimise(coordinates, max_rounds, on_round)
+    route, rounds = routes.optimise(coordinates, max_rounds, restarts, on_progress)
     length = routes.route_length(coordinates, route)
     return {
         "points": points,
         "seed": seed,
         "rounds": rounds,
+        "restarts": restarts,
         "initial_length": round(initial, 3),
         "length": round(length, 3),
         "improvement": round(1 - length / initial, 4) if initial else 0.0,

@@ -40,6 +40,24 @@ def django_db_setup(embedded_postgres: EmbeddedPostgres | None, django_db_setup:
     return None
 
 
+@pytest.fixture(autouse=True)
+def _empty_queue_after_transactional_tests(request: pytest.FixtureRequest, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's flush skips procrastinate's unmanaged tables: leave the queue empty for the next test."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    transactional = "transactional_db" in request.fixturenames or bool(
+        marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))
+    )
+    if not transactional:
+        return
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute("DELETE FROM procrastinate_periodic_defers")
+        cursor.execute("DELETE FROM procrastinate_jobs")
+        cursor.execute("DELETE FROM procrastinate_workers")
+
+
 def free_port() -> int:
     import socket
 

@@ -83,10 +83,10 @@ def test_deploy_stack_runs_its_steps_with_progress_and_returns_a_report(
     assert seen[-1] == "done"
 
 
-def test_optimize_route_reports_progress_per_round_and_shortens_the_route(
+def test_optimize_route_reports_progress_within_rounds_and_shortens_the_route(
     listener: psycopg.Connection[Any],
 ) -> None:
-    job = services.job_defer(task_name="optimize_route", args={"points": 150, "seed": 3})
+    job = services.job_defer(task_name="optimize_route", args={"points": 150, "seed": 3, "restarts": 3})
     run_jobs(queues=["cpu"])
     record = JobRecord.objects.get(pk=job.job_id)
     assert record.state == "succeeded"
@@ -96,8 +96,19 @@ def test_optimize_route_reports_progress_per_round_and_shortens_the_route(
     assert result["length"] < result["initial_length"]
     coordinates = routes.random_points(150, 3)
     assert result["length"] == round(routes.route_length(coordinates, result["route"]), 3)
-    steps = [n["step"] for n in drain(listener) if n["id"] == job.job_id and n["event"] == "progress"]
-    rounds = [int(s.split()[2].rstrip(":")) for s in steps if s.startswith("2-opt round")]
-    assert rounds, steps
-    assert rounds == sorted(rounds)
-    assert record.step.startswith(f"2-opt round {result['rounds']}:")
+    progress = [n for n in drain(listener) if n["id"] == job.job_id and n["event"] == "progress"]
+    values = [n["progress"] for n in progress]
+    assert values == sorted(values), values
+    assert record.step.startswith("restart 3/3: best")
+
+
+def test_route_search_reports_progress_inside_each_round() -> None:
+    reports: list[tuple[float, str]] = []
+    routes.optimise(routes.random_points(120, 5), max_rounds=50, restarts=2, on_progress=lambda f, s: reports.append((f, s)))
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    first_round = [f for f, s in reports if s == "restart 1/2, 2-opt round 1"]
+    # Many reports inside the first round, long before the search converges: a bar that moves.
+    assert len(first_round) >= 10
+    assert 0 < first_round[0] < first_round[-1] < 0.5

@@ -162,7 +162,8 @@ def test_retrying_a_failed_job_whose_queueing_lock_is_taken_gives_up_the_key() -
 
 def test_an_automatic_retry_never_collides_with_a_waiting_job_of_its_queueing_lock() -> None:
     first = services.job_defer(task_name="tests.core.unique_slow", args={"key": "k", "hold": 0.5})
-    with worker_in_background(queues=["core-tests"]):
+    # include_scheduled: the worker keeps going until the 0.1 s retry has run, whatever the timing.
+    with worker_in_background(queues=["core-tests"], include_scheduled=True):
         wait_for_state(first.job_id, "doing")
         second = services.job_defer(task_name="tests.core.unique_slow", args={"key": "k", "hold": 0})
     # The first attempt failed while the second job waited: the retry still happened.
