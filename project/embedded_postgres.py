@@ -92,8 +92,10 @@ class EmbeddedPostgres:
 
     @property
     def socket_dir(self) -> Path:
-        path = self.home.resolve() / "run"
-        if len(str(path.resolve())) > 90:  # unix socket paths are limited to ~107 bytes
+        # Where the server really keeps its files, whether or not the `.skiplock` link exists yet
+        # (settings compute the URL before the first start creates it).
+        path = (_shared_root() / self.instance if _is_root() else self.home.resolve()) / "run"
+        if len(str(path)) > 90:  # unix socket paths are limited to ~107 bytes
             path = Path(tempfile.gettempdir()) / f"skiplock-{_project_hash()}-{self.instance}"
         return path
 
