@@ -369,7 +369,8 @@ def biggest_costs(data: dict[str, Any]) -> list[dict[str, Any]]:
                           "ms": stmt["ms_per_job"]})
     if fsync and prof.get("commits_per_job"):
         items.append({"key": "commits", "what": f"waiting for {prof['commits_per_job']:.1f} commits per job to reach "
-                      f"disk (fdatasync ≈ {fsync:.1f} ms here; group commit shares some)",
+                      f"the disk (fdatasync ≈ {fsync:.1f} ms here; an upper bound, group commit lets concurrent "
+                      "jobs share some flushes)",
                       "ms": prof["commits_per_job"] * fsync})
     if prof.get("worker_cpu_ms_per_job"):
         items.append({"key": "python", "what": "the worker's own Python CPU (psycopg, asyncio, procrastinate, "
@@ -410,6 +411,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"**{num(env.get('fsync_ms'), 2)} ms** (median) on this disk, so every round trip that commits costs "
         "at least that much unless group commit shares it. Redis runs without persistence (as a broker "
         "usually does), so Celery pays no such wait: its figures are what a non-durable broker gives.",
+        f"- **Duration.** The suite took {num((data.get('total_seconds') or 0) / 60, 1)} min in this run; "
+        "its sizes aim at about 25 min on two idle cores (drains adapt their job counts to the measured rate, "
+        "enqueue runs have a time cap, end-to-end repeats stop after a budget), so a loaded machine stretches it.",
         "- Everything is measured on one machine in one run: the same PostgreSQL cluster for Skiplock, bare "
         "procrastinate and the SQL limit (three databases), the same task bodies everywhere.",
         "",
@@ -437,7 +441,7 @@ def markdown(data: dict[str, Any]) -> str:
         "- **Processing rate**: the workers are started and warmed up (a few jobs through each) and idle; "
         "the queue is filled in one commit (Celery: 1 list renamed into the queue at once); rate = jobs / time "
         "until no job is left. The job count adapts to the previous run so a drain lasts about "
-        f"{data.get('drain_seconds', 'a second or two')}; median (min–max) of 3 drains.",
+        "a second (0.5 s at --size small); median (min–max) of 3 drains.",
         "- **Enqueue**: no worker running; one job per call (each its own commit) and 1,000 per call; each run "
         "stops at its job count or after a time cap. Celery's batch is 1,000 `apply_async` through one "
         "producer (Celery has no bulk publish).",
