@@ -186,7 +186,7 @@ def endtoend_section(data: dict[str, Any]) -> Section | None:
     if not result:
         return None
     systems = [(k, lab) for k, lab in present(result, SYSTEMS) if isinstance(result[k], dict)]
-    header = ["system", "jobs/s", "worker still busy after last enqueue (ms)", "runs", "vs Skiplock"]
+    header = ["system", "jobs/s", "worker still busy after last enqueue (ms)", "runs", "Skiplock / this"]
     sl = median(result.get("skiplock", {}).get("rate"))
     rows = [[label, fig(result[k].get("rate")), fig(result[k].get("drain_after_last_enqueue_ms")),
              str(len(result[k].get("rate", {}).get("runs", []))), ratio(sl, median(result[k].get("rate")))]
