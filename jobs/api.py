@@ -29,7 +29,7 @@ from django.db import (
     OperationalError,
     connection,
 )
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from ninja import NinjaAPI, Query
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
@@ -57,8 +57,8 @@ from jobs.schemas import (
     TransitionOut,
     task_components,
 )
-from jobs.selectors import job_attempts, job_get, job_max_attempts
-from jobs.states import FINAL_STATES, DisplayState, State
+from jobs.selectors import job_attempts, job_get, job_max_attempts, state_filter
+from jobs.states import FINAL_STATES, DisplayState
 
 logger = logging.getLogger(__name__)
 
@@ -386,21 +386,6 @@ def decode_cursor(cursor: str) -> int:
         ) from None
 
 
-def _state_q(states: list[DisplayState], now: dt.datetime) -> Q:
-    """Display states as index-friendly conditions on the stored state."""
-    query = Q()
-    for state in dict.fromkeys(states):
-        if state == DisplayState.TODO:
-            query |= Q(state=State.TODO, attempts=0) & (Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=now))
-        elif state == DisplayState.SCHEDULED:
-            query |= Q(state=State.TODO, attempts=0, scheduled_at__gt=now)
-        elif state == DisplayState.RETRYING:
-            query |= Q(state=State.TODO, attempts__gt=0)
-        else:
-            query |= Q(state=state.value)
-    return query
-
-
 def _aware(moment: dt.datetime) -> dt.datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
@@ -415,7 +400,7 @@ def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[s
     if filters.queue:
         query = query.filter(queue_name=filters.queue)
     if filters.state:
-        query = query.filter(_state_q(filters.state, dt.datetime.now(dt.UTC)))
+        query = query.filter(state_filter(*filters.state))
     if filters.created_after:
         query = query.filter(created_at__gte=_aware(filters.created_after))
     if filters.created_before:

@@ -45,21 +45,28 @@ def time_since(moment: dt.datetime | None) -> float | None:
     return (dt.datetime.now(dt.UTC) - moment).total_seconds()
 
 
-def state_filter(state: str, *, now: dt.datetime | None = None) -> Q:
-    """The rows in a stored state, or in a display state (scheduled / retrying refine `todo`).
+def state_filter(*states: str, now: dt.datetime | None = None) -> Q:
+    """Rows whose display state is one of `states`, as index-friendly conditions on the stored state.
 
-    Mirrors `jobs.states.display_state`: retrying = waiting after an attempt; scheduled =
-    waiting for a future run time, never attempted. `todo` means every waiting job.
+    Mirrors `jobs.states.display_state`, so a filter shows exactly the rows whose badge it names:
+    todo = waiting to run now, scheduled = waiting for a future first run, retrying = waiting
+    after a failed attempt. The API, the admin and the `job` command all filter through here.
     """
     from jobs.states import DisplayState, State
 
-    wanted = DisplayState(state)
     now = now or dt.datetime.now(dt.UTC)
-    if wanted == DisplayState.RETRYING:
-        return Q(state=State.TODO, attempts__gt=0)
-    if wanted == DisplayState.SCHEDULED:
-        return Q(state=State.TODO, attempts=0, scheduled_at__gt=now)
-    return Q(state=str(wanted))
+    query = Q()
+    for value in dict.fromkeys(states):
+        wanted = DisplayState(value)
+        if wanted == DisplayState.TODO:
+            query |= Q(state=State.TODO, attempts=0) & (Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=now))
+        elif wanted == DisplayState.SCHEDULED:
+            query |= Q(state=State.TODO, attempts=0, scheduled_at__gt=now)
+        elif wanted == DisplayState.RETRYING:
+            query |= Q(state=State.TODO, attempts__gt=0)
+        else:
+            query |= Q(state=wanted.value)
+    return query
 
 
 def job_list(

@@ -69,7 +69,7 @@ def test_list_filters_by_task_state_and_queue() -> None:
     services.job_cancel(job_id=other.job_id)
     assert [j["id"] for j in job_json("list")] == [other.job_id, later.job_id, waiting.job_id]
     assert [j["id"] for j in job_json("list", "--task", "optimize_route")] == [later.job_id, waiting.job_id]
-    assert [j["id"] for j in job_json("list", "--state", "todo")] == [later.job_id, waiting.job_id]
+    assert [j["id"] for j in job_json("list", "--state", "todo")] == [waiting.job_id]
     assert [j["id"] for j in job_json("list", "--state", "scheduled")] == [later.job_id]
     assert [j["id"] for j in job_json("list", "--state", "cancelled")] == [other.job_id]
     assert [j["id"] for j in job_json("list", "--queue", "cpu", "--limit", "1")] == [later.job_id]
@@ -101,7 +101,7 @@ def test_cancel_abort_retry_delete_and_run_now() -> None:
 def test_tasks_lists_what_can_be_started() -> None:
     out = job("tasks")
     assert "deploy_stack  (queue default, priority 0, 4 attempts)" in out
-    assert "arguments: points (int, optional), seed (int, optional), max_rounds (int, optional)" in out
+    assert "arguments: points (int, optional), seed (int, optional), max_rounds (int, optional), restarts (int, optional)" in out
     described = {t["name"]: t for t in job_json("tasks")}
     assert described["optimize_route"]["queue"] == "cpu"
 
@@ -135,6 +135,6 @@ def test_from_the_shell_an_error_is_one_line_on_stderr_with_a_non_zero_exit() ->
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
         "CommandError: invalid arguments for task 'optimize_route': no argument 'colour'; "
-        "expected: points (int, optional), seed (int, optional), max_rounds (int, optional)"
+        "expected: points (int, optional), seed (int, optional), max_rounds (int, optional), restarts (int, optional)"
     ]
     assert JobRecord.objects.count() == 0

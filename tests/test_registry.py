@@ -116,13 +116,14 @@ def test_argument_schemas_come_from_type_hints() -> None:
     }
     index = get_task("index_document").json_schema()
     assert index["required"] == ["title"]
-    assert spec.validate({"points": "12"}) == {"points": 12, "seed": 1, "max_rounds": 100}
+    assert spec.validate({"points": "12"}) == {"points": 12, "seed": 1, "max_rounds": 100, "restarts": 10}
     with pytest.raises(InvalidArguments) as excinfo:
         spec.validate({"points": "many", "colour": "red"})
     assert excinfo.value.message == (
         "invalid arguments for task 'optimize_route': 'points': Input should be a valid integer, "
         "unable to parse string as an integer; no argument 'colour'; "
-        "expected: points (int, optional), seed (int, optional), max_rounds (int, optional)"
+        "expected: points (int, optional), seed (int, optional), max_rounds (int, optional), "
+        "restarts (int, optional)"
     )
 
 

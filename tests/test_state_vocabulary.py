@@ -75,3 +75,39 @@ def test_the_diagram_in_docs_draws_every_state() -> None:
     assert diagram is not None
     for state in ALL_DISPLAY:
         assert re.search(rf"\b{state.value}\b", diagram.group(1)), state
+
+
+# --- the other views of state: the API, the admin console and the job pages -------------------
+
+
+def test_the_api_publishes_every_state_in_its_openapi_document() -> None:
+    from jobs.api import api
+
+    schemas = api.get_openapi_schema()["components"]["schemas"]
+    enums = [set(schema["enum"]) for schema in schemas.values() if "enum" in schema]
+    assert {s.value for s in State} in enums
+    assert {d.value for d in DisplayState} in enums
+
+
+@pytest.mark.parametrize("state", ALL_DISPLAY)
+def test_the_admin_filters_and_draws_every_display_state(state: DisplayState) -> None:
+    from jobs.console.jobs import StateFilter, badge
+
+    assert state.value in {value for value, _ in StateFilter.lookups(None, None, None)}  # type: ignore[arg-type]
+    html = badge(state)
+    assert f"sl-{colour(state)}" in html
+    assert label(state) in html
+    css = "".join(p.read_text() for p in (settings.BASE_DIR / "jobs/static/skiplock/admin").glob("*.css"))
+    assert f".sl-{colour(state)}" in css
+
+
+@pytest.mark.parametrize("state", ALL_DISPLAY)
+def test_the_job_pages_draw_every_display_state(state: DisplayState) -> None:
+    from django.template.loader import render_to_string
+
+    from jobs.templatetags.skiplock_pages import skiplock_state_badge
+
+    html = render_to_string("jobs/components/job_badge.html", skiplock_state_badge(state.value))
+    assert label(state) in html
+    css = (settings.BASE_DIR / "jobs/static/skiplock/pages/pages.css").read_text()
+    assert f".sk-badge--{colour(state)}" in css

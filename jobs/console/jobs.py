@@ -88,14 +88,7 @@ class StateFilter(admin.SimpleListFilter):
             wanted = DisplayState(value)
         except ValueError:
             return queryset.none()
-        now = timezone.now()
-        if wanted == DisplayState.TODO:
-            return queryset.filter(state=State.TODO, attempts=0).filter(Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=now))
-        if wanted == DisplayState.SCHEDULED:
-            return queryset.filter(state=State.TODO, attempts=0, scheduled_at__gt=now)
-        if wanted == DisplayState.RETRYING:
-            return queryset.filter(state=State.TODO, attempts__gt=0)
-        return queryset.filter(state=wanted.value)
+        return queryset.filter(selectors.state_filter(wanted))
 
 
 def _names(request: HttpRequest) -> tuple[list[str], list[str]]:
