@@ -27,7 +27,7 @@ typecheck: install  ## mypy (with django-stubs)
 
 pytest: install  ## pytest alone (PYTEST_ARGS="-k name" to select)
 	@status=0; DEBUG=true SKIPLOCK_PG_INSTANCE=test $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
-	DEBUG=true SKIPLOCK_PG_INSTANCE=test $(PY) manage.py db stop --instance test >/dev/null 2>&1 || true; \
+	DEBUG=true SKIPLOCK_PG_INSTANCE=test $(PY) manage.py db --instance test stop >/dev/null 2>&1 || true; \
 	if [ $$status -eq 5 ]; then echo "pytest ran no test: failing"; fi; exit $$status
 
 install: $(VENV)/.synced  ## install Python and the locked dependencies (no-op when up to date)
@@ -62,7 +62,7 @@ bench: install  ## run the benchmarks (~25 min on 2 cores) and regenerate docs/b
 
 clean:  ## remove the virtualenv and every embedded database of this checkout (stops them first)
 	-@for home in .skiplock/*/; do name=$$(basename "$$home"); [ -f "$$home/data/PG_VERSION" ] && \
-	  DEBUG=true SKIPLOCK_PG_INSTANCE="$$name" $(PY) manage.py db stop --instance "$$name" 2>/dev/null; done; true
+	  DEBUG=true SKIPLOCK_PG_INSTANCE="$$name" $(PY) manage.py db --instance "$$name" stop 2>/dev/null; done; true
 	@# As root the clusters live in /var/tmp/skiplock/<checkout>/ (linked from .skiplock/): remove them too.
 	-@for link in .skiplock/*; do [ -L "$$link" ] && rm -rf "$$(readlink -f "$$link")"; done; true
 	rm -rf $(VENV) .skiplock staticfiles

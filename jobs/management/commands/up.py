@@ -93,7 +93,7 @@ class Command(BaseCommand):
                     "worker", [sys.executable, "manage.py", "worker", "--concurrency", str(concurrency)]
                 )
             base = f"http://{host}:{port}"
-            self.say("up", f"Skiplock is up: admin {base}/admin/  ·  API docs {base}/api/docs  ·  health {base}/health/ready")
+            self.say("up", f"Skiplock is up: job pages {base}/  ·  admin {base}/admin/  ·  API docs {base}/api/docs  ·  health {base}/health/ready")
             self.say("up", "press Ctrl-C to stop")
             while not stopping.is_set():
                 for name, child in children.items():
