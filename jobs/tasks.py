@@ -142,7 +142,7 @@ def optimize_route(
     points: Annotated[int, Field(ge=3, le=5000)] = 200,
     seed: int = 1,
     max_rounds: Annotated[int, Field(ge=1, le=10_000)] = 100,
-    restarts: Annotated[int, Field(ge=1, le=100)] = 10,
+    restarts: Annotated[int, Field(ge=1, le=100)] = 40,
 ) -> dict[str, object]:
     """Optimise a round trip over `points` seeded random points.
 

@@ -116,7 +116,7 @@ def test_argument_schemas_come_from_type_hints() -> None:
     }
     index = get_task("index_document").json_schema()
     assert index["required"] == ["title"]
-    assert spec.validate({"points": "12"}) == {"points": 12, "seed": 1, "max_rounds": 100, "restarts": 10}
+    assert spec.validate({"points": "12"}) == {"points": 12, "seed": 1, "max_rounds": 100, "restarts": 40}
     with pytest.raises(InvalidArguments) as excinfo:
         spec.validate({"points": "many", "colour": "red"})
     assert excinfo.value.message == (
