@@ -10,13 +10,21 @@
 The jobs run exactly as in production (the worker, its middleware, the database triggers),
 against the real database, until no runnable job is left. Use a transactional test (the
 worker reads committed rows on its own connections).
+
+`WorkerThread` keeps a real worker running beside the test instead, for tests that watch a
+job while it runs (progress over the API's event stream, a page's live progress bar):
+
+    with WorkerThread():
+        job_id = deploy_stack.defer(stack="shop")
+        ...  # follow /api/jobs/{job_id}/events, or poll the record
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from typing import Any
+from typing import Any, Self
 
 from django.db import connection
 
@@ -57,6 +65,54 @@ def run_jobs(
         if not progressed or not _waiting(queues, runnable_only=not include_scheduled):
             break
     return _attempt_count() - before
+
+
+class WorkerThread:
+    """A real worker (jobs.worker.run_worker) on its own event loop in a thread, stopped on exit."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options: dict[str, Any] = {
+            "queues": None, "concurrency": 2, "name": "test-worker", "wait": True, "listen_notify": True,
+            "install_signal_handlers": False, "shutdown_grace": 2.0, **options,
+        }
+        self.loop = asyncio.new_event_loop()
+        self.task: asyncio.Task[Any] | None = None
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=str(self.options["name"]), daemon=True)
+
+    def _run(self) -> None:
+        from django.db import connections
+
+        async def main() -> None:
+            self.task = asyncio.current_task()
+            self.started.set()
+            await run_worker(**self.options)
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            connections.close_all()
+            self.loop.close()
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        if not self.started.wait(10):
+            raise RuntimeError("the test worker did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(timeout=20)
+        if self.error is not None:
+            raise self.error
 
 
 async def arun_jobs(**kwargs: Any) -> int:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +12,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from jobs.apikeys import apikey_create
+from jobs.testing import WorkerThread as _WorkerThread
 
 FAST_DEPLOY = {"check_interval": 0, "build_megabytes": 1, "health_checks": 1}
 
@@ -90,44 +88,11 @@ def wait_for(condition: Callable[[], Any], *, timeout: float = 20.0, interval: f
         time.sleep(interval)
 
 
-class WorkerThread:
-    """A real worker (jobs.worker.run_worker) on its own event loop in a thread, stopped on exit."""
+class WorkerThread(_WorkerThread):
+    """jobs.testing.WorkerThread, named for these tests."""
 
     def __init__(self, **options: Any) -> None:
-        self.options = {"queues": None, "concurrency": 2, "name": "api-test-worker", "wait": True,
-                        "listen_notify": True, "install_signal_handlers": False, "shutdown_grace": 5.0, **options}
-        self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[Any] | None = None
-        self.thread = threading.Thread(target=self._run, name="api-test-worker", daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        from django.db import connections
-
-        from jobs.worker import run_worker
-
-        asyncio.set_event_loop(self.loop)
-        self.task = self.loop.create_task(run_worker(**self.options))
-        try:
-            self.loop.run_until_complete(self.task)
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            connections.close_all()
-            self.loop.close()
-
-    def __enter__(self) -> WorkerThread:
-        self.thread.start()
-        wait_for(lambda: self.task is not None)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.task is not None and not self.loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(timeout=20)
+        super().__init__(**{"name": "api-test-worker", "shutdown_grace": 5.0, **options})
 
 
 @pytest.fixture

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from typing import Any
 
 import pytest
@@ -13,6 +10,7 @@ from django.test import Client
 
 from jobs import services
 from jobs.models import JobRecord
+from jobs.testing import WorkerThread as _WorkerThread
 
 PASSWORD = "correct horse battery staple"
 # deploy_stack in well under a second (see jobs/tasks.py).
@@ -58,51 +56,8 @@ def staff(db: None) -> User:
     return make_user("operator", staff=True)
 
 
-class WorkerThread:
-    """A real worker (jobs.worker.run_worker) on its own event loop in a thread, stopped on exit."""
+class WorkerThread(_WorkerThread):
+    """jobs.testing.WorkerThread, named for these tests."""
 
     def __init__(self, **options: Any) -> None:
-        self.options = {
-            "queues": None, "concurrency": 2, "name": "pages-test-worker", "wait": True,
-            "listen_notify": True, "install_signal_handlers": False, "shutdown_grace": 2.0, **options,
-        }
-        self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[Any] | None = None
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="pages-test-worker", daemon=True)
-
-    def _run(self) -> None:
-        from django.db import connections
-
-        from jobs.worker import run_worker
-
-        async def main() -> None:
-            self.task = asyncio.current_task()
-            self.started.set()
-            await run_worker(**self.options)
-
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            connections.close_all()
-            self.loop.close()
-
-    def __enter__(self) -> WorkerThread:
-        self.thread.start()
-        if not self.started.wait(10):
-            raise RuntimeError("the test worker did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.task is not None and not self.loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(timeout=20)
-        if self.error is not None:
-            raise self.error
+        super().__init__(**{"name": "pages-test-worker", **options})

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import pytest
 from django.conf import settings
 
 from jobs import services
-from jobs.worker import run_worker
+from jobs.testing import WorkerThread
 from tests.admin_fixtures import PASSWORD, failed_deploy_job, make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -23,40 +21,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
 
 
-class BackgroundWorker:
-    """A real procrastinate worker (jobs.worker.run_worker) on its own thread and event loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[None] | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="browser-test-worker", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.task = asyncio.current_task()
-            self.started.set()
-            await run_worker(queues=None, concurrency=2, name="browser-test-worker", wait=True, listen_notify=True,
-                             install_signal_handlers=False, shutdown_grace=2)
-
-        try:
-            self.loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
-        finally:
-            from django.db import connections
-
-            connections.close_all()
-
-    def __enter__(self) -> BackgroundWorker:
-        self.thread.start()
-        self.started.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.task is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture
@@ -125,7 +89,7 @@ def test_an_operator_finds_a_failed_job_retries_it_and_watches_a_job_run(asgi_se
     sample = """() => [document.getElementById('sl-progress-text').textContent,
                        document.querySelector('#sl-progress-bar .sl-progress > span').style.width,
                        window.__sameDocument === true]"""
-    with BackgroundWorker():
+    with WorkerThread(name="browser-test-worker"):
         for _ in range(100):
             text, width, same_document = page.evaluate(sample)
             value = int(text.rstrip("%"))

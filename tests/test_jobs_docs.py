@@ -76,3 +76,6 @@ def test_the_examples_of_testing_md_run() -> None:
     services.job_abort(job_id=job_id)
     thread.join(timeout=30)
     assert JobRecord.objects.get(pk=job_id).state == "aborted"
+    # A worker running beside the test.
+    record = module.watch_a_deploy_run()
+    assert (record.state, record.progress) == ("succeeded", 100)
