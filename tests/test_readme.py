@@ -74,7 +74,7 @@ def test_make_test_runs_ruff_mypy_and_pytest_and_fails_when_no_test_ran() -> Non
     pytest_target = re.search(r"^pytest:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
     assert pytest_target is not None
     assert "-eq 5" in pytest_target.group(1)  # pytest's "no tests collected" becomes a failure
-    assert "db stop --instance test" in pytest_target.group(1)  # and no PostgreSQL is left running
+    assert "db --instance test stop" in pytest_target.group(1)  # and no PostgreSQL is left running
 
 
 # -- the settings table --------------------------------------------------------------------------
