@@ -401,11 +401,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Read this first",
         "",
-        "- **The machine was shared** while this ran: other engineers' test suites were running on the same "
-        f"2 cores (load average {env.get('load_at_start')} at the start, {env.get('load_at_end')} at the end; each "
-        "benchmark's own load is in the JSON). Absolute figures are therefore low and noisy; the **ratios** "
-        "between systems measured in the same minutes are the figures to read, and even they carry the noise "
-        "shown by the min–max ranges.",
+        _load_paragraph(env),
         f"- **Commits wait for the disk.** PostgreSQL runs with its durable defaults (fsync on, "
         f"synchronous_commit {pg.get('synchronous_commit', '?')}); one 8 kB write + fdatasync took "
         f"**{num(env.get('fsync_ms'), 2)} ms** (median) on this disk, so every round trip that commits costs "
@@ -576,3 +572,20 @@ def design_notes(data: dict[str, Any]) -> list[str]:
     if not keys:
         return []
     return ["## What would reach the targets not met", ""] + [f"- {DESIGN[k]}" for k in keys] + [""]
+
+
+def _load_paragraph(env: dict[str, Any]) -> str:
+    """What else ran on the machine, judged from the 1-minute load average at the start."""
+    start, end = env.get("load_at_start"), env.get("load_at_end")
+    loads = f"load average {start} at the start, {end} at the end; each benchmark's own load is in the JSON"
+    busy = isinstance(start, list | tuple) and bool(start) and float(start[0]) > 1.5
+    if busy:
+        return (
+            f"- **The machine was shared** while this ran ({loads}): other work ran on the same 2 cores. "
+            "Absolute figures are therefore low and noisy; the **ratios** between systems measured in the "
+            "same minutes are the figures to read, and even they carry the noise shown by the min–max ranges."
+        )
+    return (
+        f"- **The machine was otherwise idle** ({loads}). The min–max ranges show the run-to-run noise; "
+        "the **ratios** between systems measured in the same minutes are the figures to compare."
+    )
