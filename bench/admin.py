@@ -26,7 +26,8 @@ QUEUES = {"deploy_stack": "default", "index_document": "default", "optimize_rout
           "reports.build": "reports", "emails.send": "emails"}
 
 
-def _setup() -> None:
+def _setup() -> Any:
+    """Django on the bench database; returns the embedded cluster if this call started it."""
     os.environ.setdefault("DEBUG", "true")
     os.environ.setdefault("SKIPLOCK_PG_INSTANCE", "bench_admin")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -35,11 +36,14 @@ def _setup() -> None:
     django.setup()
     from django.conf import settings
 
+    started = None
     if settings.EMBEDDED_DATABASE:
         from project.embedded_postgres import EmbeddedPostgres
 
-        EmbeddedPostgres(os.environ["SKIPLOCK_PG_INSTANCE"]).start()
+        cluster = EmbeddedPostgres(os.environ["SKIPLOCK_PG_INSTANCE"])
+        started = cluster if cluster.start() else None
     _use_own_database()
+    return started
 
 
 BENCH_DATABASE = "skiplock_admin_bench"
@@ -223,7 +227,18 @@ def explain(sql: str) -> list[str]:
 
 def run(size: str) -> dict[str, Any]:
     """Fill `size` jobs (e.g. "1m", "100k", "1000000"), time the console pages, EXPLAIN their queries."""
-    _setup()
+    started = _setup()
+    try:
+        return _measure(size)
+    finally:
+        if started is not None:  # leave no PostgreSQL running (the filled data stays for the next run)
+            from django.db import connections
+
+            connections.close_all()
+            started.stop()
+
+
+def _measure(size: str) -> dict[str, Any]:
     rows = _parse_size(size)
     fill_seconds = None
     if _current_rows() != rows:
