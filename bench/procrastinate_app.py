@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import procrastinate
 from procrastinate.psycopg_connector import PsycopgConnector
 
-from bench.stamp import send_stamp
-
-
-async def bench_noop() -> None:
-    """Do nothing."""
-
-
-async def bench_io10() -> None:
-    await asyncio.sleep(0.01)
-
-
-def bench_noop_sync() -> None:
-    """Do nothing in a worker thread."""
-
-
-def bench_io10_sync() -> None:
-    time.sleep(0.01)
-
-
-async def bench_stamp(*, port: int, marker: int) -> None:
-    send_stamp(port, marker)
-
-
-TASKS = (bench_noop, bench_io10, bench_noop_sync, bench_io10_sync, bench_stamp)
+from bench.bodies import TASKS
 
 
 def make_app(conninfo: str, *, concurrency: int = 1) -> procrastinate.App:

@@ -66,45 +66,6 @@ class JobErrorOut(Schema):
     traceback: str
 
 
-class JobOut(Schema):
-    id: int
-    task: str
-    queue: str
-    priority: int
-    state: State
-    display_state: DisplayState
-    progress: int
-    step: str
-    attempts: int
-    max_attempts: int | None
-    args: dict[str, Any]
-    result: Any = None
-    error: JobErrorOut | None
-    created_at: dt.datetime
-    scheduled_at: dt.datetime | None
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    duration_ms: int | None
-    worker: str | None
-    idempotency_key: str | None
-    status_url: str
-    events_url: str
-
-
-class AttemptOut(Schema):
-    number: int
-    worker: str | None
-    outcome: str = Field(description="running, succeeded, failed, retried, aborted, lost or timed_out")
-    started_at: dt.datetime
-    finished_at: dt.datetime | None
-    duration_ms: int | None
-    error: JobErrorOut | None
-
-
-class AttemptListOut(Schema):
-    attempts: list[AttemptOut]
-
-
 class JobSummaryOut(Schema):
     id: int
     task: str
@@ -121,6 +82,32 @@ class JobSummaryOut(Schema):
     finished_at: dt.datetime | None
     duration_ms: int | None
     status_url: str
+
+
+class JobOut(JobSummaryOut):
+    """A job in full: the summary plus arguments, result or error, worker and policy."""
+
+    max_attempts: int | None
+    args: dict[str, Any]
+    result: Any = None
+    error: JobErrorOut | None
+    worker: str | None
+    idempotency_key: str | None
+    events_url: str
+
+
+class AttemptOut(Schema):
+    number: int
+    worker: str | None
+    outcome: str = Field(description="running, succeeded, failed, retried, aborted, lost or timed_out")
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    duration_ms: int | None
+    error: JobErrorOut | None
+
+
+class AttemptListOut(Schema):
+    attempts: list[AttemptOut]
 
 
 class JobPageOut(Schema):
