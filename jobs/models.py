@@ -1,8 +1,10 @@
 """Skiplock's own rows. procrastinate's tables are the queue; these are what people ask about.
 
-`JobRecord` and `JobAttempt` are kept in step with `procrastinate_jobs` by database triggers
-(migration 0002): every insert, state change and delete of a queue row updates its record in the
-same transaction, whoever made it. The worker adds what only it knows (result, error, progress).
+A job's state lives once, in `procrastinate_jobs` (status, queue, priority, run time, attempts,
+lock, worker). `JobSide` (table `skiplock_job`) holds only what procrastinate has no column for:
+progress, step, result, error, owner, idempotency key and timings. `JobRecord` reads both through
+the view `skiplock_job_view` (a primary-key join) under the old field names; it is read-only.
+Nothing copies state between them: every write goes through `jobs.transitions`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
@@ -18,22 +21,13 @@ from django.db.models.functions import Now
 from jobs.states import State, display_state
 
 
-class JobRecord(models.Model):
-    """One row per procrastinate job: state, progress, result, last error, timings."""
+class JobSide(models.Model):
+    """Skiplock's side row of a job: what the queue row cannot hold. Written by `jobs.transitions` only."""
 
-    job_id = models.BigIntegerField(primary_key=True)
-    task_name = models.CharField(max_length=128)
-    queue_name = models.CharField(max_length=128)
-    priority = models.IntegerField(default=0)
-    state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
-    args = models.JSONField(default=dict)
-    lock = models.TextField(null=True, blank=True)
-    queueing_lock = models.TextField(null=True, blank=True)
+    job_id = models.BigIntegerField(primary_key=True)  # procrastinate_jobs.id
     created_at = models.DateTimeField(db_default=Now())
-    scheduled_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)  # the first attempt's start
     finished_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.IntegerField(default=0, db_default=0)
     progress = models.SmallIntegerField(default=0, db_default=0)
     step = models.CharField(max_length=255, blank=True, default="", db_default="")
     progress_at = models.DateTimeField(null=True, blank=True)
@@ -50,12 +44,8 @@ class JobRecord(models.Model):
 
     class Meta:
         db_table = "skiplock_job"
-        verbose_name = "job"
-        ordering = ["-job_id"]
+        verbose_name = "job side row"
         indexes = [
-            models.Index(fields=["state", "-job_id"], name="skiplock_job_state_idx"),
-            models.Index(fields=["task_name", "-job_id"], name="skiplock_job_task_idx"),
-            models.Index(fields=["queue_name", "-job_id"], name="skiplock_job_queue_idx"),
             models.Index(fields=["created_at"], name="skiplock_job_created_idx"),
             models.Index(fields=["finished_at"], name="skiplock_job_finished_idx"),
             models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx"),
@@ -69,6 +59,54 @@ class JobRecord(models.Model):
                 condition=models.Q(progress__gte=0, progress__lte=100), name="skiplock_job_progress_range"
             ),
         ]
+
+    def __str__(self) -> str:
+        return f"#{self.job_id}"
+
+
+class JobRecord(models.Model):
+    """One job as people see it: the queue row joined with its side row (view `skiplock_job_view`).
+
+    Read-only. `state` is procrastinate's status, with *aborting* for a running job whose abort
+    was requested; filter on `status`/`abort_requested` (index-backed, see selectors.state_filter).
+    `attempts` counts the attempts started so far, the running one included.
+    """
+
+    job_id = models.BigIntegerField(primary_key=True)
+    task_name = models.CharField(max_length=128)
+    queue_name = models.CharField(max_length=128)
+    priority = models.IntegerField(default=0)
+    status = models.CharField(max_length=16)  # procrastinate's status, as stored
+    abort_requested = models.BooleanField(default=False)
+    state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
+    args = models.JSONField(default=dict)
+    lock = models.TextField(null=True, blank=True)
+    queueing_lock = models.TextField(null=True, blank=True)
+    worker_id = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(null=True, blank=True)
+    scheduled_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
+    progress = models.SmallIntegerField(default=0)
+    step = models.CharField(max_length=255, blank=True, default="")
+    progress_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error_type = models.CharField(max_length=255, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    error_traceback = models.TextField(blank=True, default="")
+    worker_name = models.CharField(max_length=255, blank=True, default="")
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
+        db_constraint=False, related_name="+",
+    )
+
+    class Meta:
+        managed = False
+        db_table = "skiplock_job_view"
+        verbose_name = "job"
+        ordering = ["-job_id"]
 
     def __str__(self) -> str:
         return f"#{self.job_id} {self.task_name}"
@@ -92,18 +130,23 @@ class JobRecord(models.Model):
 
 
 class JobAttempt(models.Model):
-    """One run of a job: who ran it, when, and how it ended."""
+    """One ended run of a job: who ran it, when, and how it ended. Written by whoever ends it.
+
+    A running attempt has no row: it is the queue row itself (status doing, worker_id, and
+    procrastinate's latest `started` event), shown by `selectors.job_attempts`.
+    """
 
     class Outcome(models.TextChoices):
-        RUNNING = "running"
+        RUNNING = "running"  # only on the derived row of the attempt in progress
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         RETRIED = "retried"  # failed, and the retry policy scheduled another attempt
         ABORTED = "aborted"
-        LOST = "lost"  # the worker died; the stalled-job sweeper took the job back
+        LOST = "lost"  # the worker died; stall recovery took the job back
         TIMED_OUT = "timed_out"
+        REQUEUED = "requeued"  # the worker shut down; the job waits again, no retry used
 
-    job = models.ForeignKey(JobRecord, on_delete=models.CASCADE, db_constraint=False, related_name="attempt_set")
+    job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, related_name="attempt_set")
     number = models.IntegerField()
     worker_name = models.CharField(max_length=255, blank=True, default="", db_default="")
     started_at = models.DateTimeField(db_default=Now())
@@ -120,6 +163,52 @@ class JobAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.job_id} attempt {self.number}: {self.outcome}"
+
+
+class TaskStat(models.Model):
+    """Ended attempts per task and outcome: counters that never go down (pruning keeps them).
+
+    Incremented set-based by whoever ends an attempt, through the SQL function
+    `skiplock_count_ends`; `shard` spreads concurrent finishers over a few rows.
+    """
+
+    task_name = models.CharField(max_length=128)
+    outcome = models.CharField(max_length=16)
+    shard = models.SmallIntegerField(default=0)
+    count = models.BigIntegerField(default=0)
+    seconds_sum = models.FloatField(default=0.0)
+    buckets = ArrayField(models.BigIntegerField(), default=list)  # cumulative, per metrics.DURATION_BUCKETS
+
+    class Meta:
+        db_table = "skiplock_task_stats"
+        constraints = [
+            models.UniqueConstraint(fields=["task_name", "outcome", "shard"], name="skiplock_task_stats_uniq")
+        ]
+
+
+class QueueStat(models.Model):
+    """Jobs that reached a final state, per queue: a counter that never goes down."""
+
+    queue_name = models.CharField(max_length=128)
+    state = models.CharField(max_length=16)
+    shard = models.SmallIntegerField(default=0)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "skiplock_queue_stats"
+        constraints = [
+            models.UniqueConstraint(fields=["queue_name", "state", "shard"], name="skiplock_queue_stats_uniq")
+        ]
+
+
+class Listener(models.Model):
+    """A process listening on the `skiplock_job` channel; `skiplock_announce` notifies only while one is."""
+
+    name = models.CharField(max_length=255, primary_key=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "skiplock_listener"
 
 
 class WorkerInfo(models.Model):
