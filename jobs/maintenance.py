@@ -7,11 +7,12 @@ orphaned by a crash come back as soon as any worker runs again.
 
 A job is stalled when it is `doing` and its worker stopped heartbeating more than
 `SKIPLOCK_STALLED_AFTER` seconds ago (or its worker row is gone). Its attempt is closed with
-outcome `lost`; the job is retried now if its retry policy has attempts left, failed otherwise.
+outcome `lost` and the job waits again without using up a retry (it fails once its worker was
+lost `transitions.MAX_LOST_ATTEMPTS` times); the dead workers' rows go in the same transaction.
 
 Pruning deletes finished jobs (succeeded, failed, cancelled, aborted) whose `finished_at` is
-older than `SKIPLOCK_RESULT_RETENTION`, from `procrastinate_jobs` (the triggers of migration
-0002 delete their records and attempts; procrastinate's events cascade), in batches of
+older than `SKIPLOCK_RESULT_RETENTION`, from `procrastinate_jobs` with their side rows and
+attempts in the same statement (procrastinate's events cascade), in batches of
 `SKIPLOCK_PRUNE_BATCH` rows, each its own short transaction that skips locked rows, so a
 million-row table is never locked for long.
 """
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
 
+from jobs import transitions
 from jobs.registry import NO_RETRY, RetryPolicy, find_task, task
 
 logger = logging.getLogger(__name__)
@@ -33,26 +34,6 @@ logger = logging.getLogger(__name__)
 MAINTENANCE_TASK = "skiplock.maintenance"
 MAINTENANCE_QUEUE = "skiplock"
 FINAL_STATUSES = ("succeeded", "failed", "cancelled", "aborted")
-
-_STALLED = """
-SELECT j.id, j.task_name, j.attempts, j.worker_id
-FROM procrastinate_jobs j
-LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
-WHERE j.status = 'doing'
-  AND (j.worker_id IS NULL OR w.last_heartbeat < now() - make_interval(secs => %s))
-  {extra}
-ORDER BY j.id
-LIMIT %s
-FOR UPDATE OF j SKIP LOCKED
-"""
-
-_ATTEMPT_ERROR = """
-UPDATE skiplock_job_attempt SET error_type = %s, error_message = %s
-WHERE job_id = %s AND finished_at IS NULL
-"""
-
-_JOB_ERROR = "UPDATE skiplock_job SET error_type = %s, error_message = %s, error_traceback = '' WHERE job_id = %s"
-
 
 @dataclass
 class SweepReport:
@@ -73,84 +54,40 @@ def end_attempt(
     cursor: Any, *, job_id: int, task_name: str, attempts_done: int, outcome: str,
     error_type: str, message: str, force_retry: bool = False,
 ) -> str:
-    """Close the running attempt of a `doing` job with `outcome` and retry or fail it.
+    """Close the running attempt of a `doing` job with `outcome` and retry or fail it by its policy.
 
-    Runs inside the caller's transaction, on a row it holds locked. Returns 'retried' or 'failed'.
+    Runs inside the caller's transaction (see transitions.end_one_attempt). Returns 'retried' or 'failed'.
     """
-    cursor.execute("SELECT set_config('skiplock.attempt_outcome', %s, true)", [outcome])
-    cursor.execute(_ATTEMPT_ERROR, [error_type, message, job_id])
-    cursor.execute(_JOB_ERROR, [error_type, message, job_id])
-    policy = policy_for(task_name)
-    if force_retry or attempts_done < policy.max_attempts:
-        cursor.execute("SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", [job_id])
-        verdict = "retried"
-    else:
-        cursor.execute("SELECT procrastinate_finish_job_v1(%s, 'failed', false)", [job_id])
-        verdict = "failed"
-    cursor.execute("SELECT set_config('skiplock.attempt_outcome', '', true)")
-    return verdict
+    retry = force_retry or attempts_done < policy_for(task_name).max_attempts
+    status = transitions.end_one_attempt(
+        cursor, job_id=job_id, outcome=outcome, error_type=error_type, message=message, retry=retry,
+    )
+    return "retried" if status == "todo" else "failed"
 
 
 def recover_stalled_jobs(
     *, stalled_after: float | None = None, worker_ids: list[int] | None = None, batch: int = 500,
     reason: str | None = None, outcome: str = "lost", force_retry: bool = False,
 ) -> SweepReport:
-    """Retry (or fail, when out of attempts) every `doing` job whose worker is gone.
+    """Requeue (or fail, when lost too often) every `doing` job whose worker is gone; forget those workers.
 
     `worker_ids` limits the sweep to those workers and treats them as dead whatever their
-    heartbeat (the supervisor uses it the moment a child process dies).
+    heartbeat (the supervisor uses it the moment a child process dies). A lost-worker requeue
+    uses up no retry (`force_retry` is kept for callers; it changes nothing any more).
     """
     stalled_after = float(settings.SKIPLOCK_STALLED_AFTER if stalled_after is None else stalled_after)
-    retried: list[int] = []
-    failed: list[int] = []
-    extra, params = "", []
-    if worker_ids is not None:
-        extra = "AND j.worker_id = ANY(%s)"
-        params = [worker_ids]
-        stalled_after = -1.0e9  # the caller knows these workers are dead
-    while True:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_STALLED.format(extra=extra), [stalled_after, *params, batch])
-            rows = cursor.fetchall()
-            for job_id, task_name, attempts, worker_id in rows:
-                message = reason or (
-                    f"the worker running this job (id {worker_id}) stopped heartbeating for more than "
-                    f"{stalled_after:g} s; the job was taken back"
-                    if worker_id is not None
-                    else "the worker running this job is gone; the job was taken back"
-                )
-                verdict = end_attempt(
-                    cursor, job_id=job_id, task_name=task_name, attempts_done=attempts + 1,
-                    outcome=outcome, error_type="WorkerLost", message=message, force_retry=force_retry,
-                )
-                (retried if verdict == "retried" else failed).append(job_id)
-        if len(rows) < batch:
-            break
-    pruned = prune_dead_workers(stalled_after=stalled_after, worker_ids=worker_ids)
-    if retried or failed:
-        logger.warning("stalled jobs taken back: %d retried %s, %d failed %s",
-                       len(retried), retried[:20], len(failed), failed[:20])
-    return SweepReport(retried=retried, failed=failed, workers_pruned=pruned)
+    recovery = transitions.recover_stalled(
+        stalled_after=stalled_after, worker_ids=worker_ids, batch=batch, reason=reason, outcome=outcome,
+    )
+    if recovery.retried or recovery.failed:
+        logger.warning("stalled jobs taken back: %d requeued %s, %d failed %s",
+                       len(recovery.retried), recovery.retried[:20], len(recovery.failed), recovery.failed[:20])
+    return SweepReport(retried=recovery.retried, failed=recovery.failed, workers_pruned=recovery.workers_pruned)
 
 
 def prune_dead_workers(*, stalled_after: float, worker_ids: list[int] | None = None) -> int:
-    """Forget workers that stopped heartbeating (cheap: migration 0003 keeps finished jobs unlinked)."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        if worker_ids is not None:
-            cursor.execute("DELETE FROM procrastinate_workers WHERE id = ANY(%s) RETURNING id", [worker_ids])
-        else:
-            cursor.execute(
-                "DELETE FROM procrastinate_workers WHERE last_heartbeat < now() - make_interval(secs => %s) "
-                "RETURNING id",
-                [stalled_after],
-            )
-        gone = [row[0] for row in cursor.fetchall()]
-        if gone:
-            cursor.execute(
-                "UPDATE skiplock_worker SET stopped_at = COALESCE(stopped_at, now()) WHERE worker_id = ANY(%s)",
-                [gone],
-            )
-    return len(gone)
+    """Forget workers that stopped heartbeating, taking their jobs back first (see recover_stalled_jobs)."""
+    return recover_stalled_jobs(stalled_after=stalled_after, worker_ids=worker_ids).workers_pruned
 
 
 @dataclass
@@ -171,24 +108,7 @@ def prune_finished_jobs(
     started = time.monotonic()
     deleted = batches = 0
     while True:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SET LOCAL lock_timeout = '2s'")
-            cursor.execute(
-                """
-                WITH victims AS (
-                    SELECT j.id FROM skiplock_job r
-                    JOIN procrastinate_jobs j ON j.id = r.job_id
-                    WHERE r.finished_at < now() - make_interval(secs => %s)
-                      AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
-                    ORDER BY r.finished_at
-                    LIMIT %s
-                    FOR UPDATE OF j SKIP LOCKED
-                )
-                DELETE FROM procrastinate_jobs WHERE id IN (SELECT id FROM victims)
-                """,
-                [older_than, batch],
-            )
-            count = cursor.rowcount
+        count = transitions.prune_batch(older_than=older_than, batch=batch)
         deleted += count
         batches += 1
         if progress is not None:

@@ -185,6 +185,9 @@ class TaskStat(models.Model):
             models.UniqueConstraint(fields=["task_name", "outcome", "shard"], name="skiplock_task_stats_uniq")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.outcome}: {self.count}"
+
 
 class QueueStat(models.Model):
     """Jobs that reached a final state, per queue: a counter that never goes down."""
@@ -200,6 +203,9 @@ class QueueStat(models.Model):
             models.UniqueConstraint(fields=["queue_name", "state", "shard"], name="skiplock_queue_stats_uniq")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.queue_name} {self.state}: {self.count}"
+
 
 class Listener(models.Model):
     """A process listening on the `skiplock_job` channel; `skiplock_announce` notifies only while one is."""
@@ -209,6 +215,9 @@ class Listener(models.Model):
 
     class Meta:
         db_table = "skiplock_listener"
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class WorkerInfo(models.Model):

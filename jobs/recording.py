@@ -21,6 +21,7 @@ from jobs.context import JobContext, _current
 from jobs.exceptions import ResultNotSerializable
 from jobs.reconnect import until_connected
 from jobs.registry import DEFAULT_HARD_TIME_LIMIT, DEFAULT_SOFT_TIME_LIMIT, find_task
+from jobs.transitions import event_sql
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,15 @@ MAX_MESSAGE_CHARS = 4000
 MAX_TRACEBACK_CHARS = 20000
 RECORD_RETRY_SECONDS = 60.0  # a database outage delays the record write; it does not fail the job
 
+# lean-data adapter: no trigger announces progress any more; the write announces itself.
 _WRITE_PROGRESS = """
-UPDATE skiplock_job SET progress = %(progress)s, step = %(step)s, progress_at = now()
-WHERE job_id = %(job_id)s AND (progress, step) IS DISTINCT FROM (%(progress)s, %(step)s)
+WITH r AS (
+    UPDATE skiplock_job SET progress = %(progress)s, step = %(step)s, progress_at = now()
+    WHERE job_id = %(job_id)s AND (progress, step) IS DISTINCT FROM (%(progress)s, %(step)s)
+    RETURNING *
+)
+SELECT skiplock_announce(jsonb_agg(""" + event_sql("'progress'") + """))
+FROM r JOIN procrastinate_jobs j ON j.id = r.job_id
 """
 
 _WRITE_SUCCESS = """

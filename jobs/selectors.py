@@ -20,7 +20,25 @@ def job_get(*, job_id: int) -> JobRecord:
 
 
 def job_attempts(*, job_id: int) -> list[JobAttempt]:
-    return list(JobAttempt.objects.filter(job_id=job_id).order_by("number"))
+    """The attempts of a job, oldest first: the ended ones, then the running one if it runs now.
+
+    A running attempt has no row of its own (whoever ends it writes it): it is read from the queue
+    row (status doing, its worker) and procrastinate's latest `started` event.
+    """
+    attempts = list(JobAttempt.objects.filter(job_id=job_id).order_by("number"))
+    record = JobRecord.objects.filter(pk=job_id, status="doing").first()
+    if record is not None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT max(at) FROM procrastinate_events WHERE job_id = %s AND type = 'started'", [job_id]
+            )
+            started_at = cursor.fetchone()[0]
+        attempts.append(JobAttempt(
+            job_id=job_id, number=(attempts[-1].number if attempts else 0) + 1, worker_name=record.worker_name,
+            started_at=started_at or record.started_at, finished_at=None, outcome=JobAttempt.Outcome.RUNNING,
+            error_type="", error_message="", error_traceback="",
+        ))
+    return attempts
 
 
 def job_events(*, job_id: int) -> list[dict[str, Any]]:
@@ -46,7 +64,7 @@ def time_since(moment: dt.datetime | None) -> float | None:
 
 
 def state_filter(*states: str, now: dt.datetime | None = None) -> Q:
-    """Rows whose display state is one of `states`, as index-friendly conditions on the stored state.
+    """Rows whose display state is one of `states`, as conditions on the queue row's indexed status.
 
     Mirrors `jobs.states.display_state`, so a filter shows exactly the rows whose badge it names:
     todo = waiting to run now, scheduled = waiting for a future first run, retrying = waiting
@@ -59,13 +77,32 @@ def state_filter(*states: str, now: dt.datetime | None = None) -> Q:
     for value in dict.fromkeys(states):
         wanted = DisplayState(value)
         if wanted == DisplayState.TODO:
-            query |= Q(state=State.TODO, attempts=0) & (Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=now))
+            query |= Q(status=State.TODO, attempts=0) & (Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=now))
         elif wanted == DisplayState.SCHEDULED:
-            query |= Q(state=State.TODO, attempts=0, scheduled_at__gt=now)
+            query |= Q(status=State.TODO, attempts=0, scheduled_at__gt=now)
         elif wanted == DisplayState.RETRYING:
-            query |= Q(state=State.TODO, attempts__gt=0)
+            query |= Q(status=State.TODO, attempts__gt=0)
+        elif wanted == DisplayState.DOING:
+            query |= Q(status=State.DOING, abort_requested=False)
+        elif wanted == DisplayState.ABORTING:
+            query |= Q(status=State.DOING, abort_requested=True)
         else:
-            query |= Q(state=wanted.value)
+            query |= Q(status=wanted.value)
+    return query
+
+
+def stored_state_filter(*states: str) -> Q:
+    """Rows whose stored state (`JobRecord.state`: procrastinate's status, or aborting) is one of `states`."""
+    from jobs.states import State
+
+    query = Q()
+    for value in dict.fromkeys(states):
+        if value == State.DOING:
+            query |= Q(status=State.DOING, abort_requested=False)
+        elif value == State.ABORTING:
+            query |= Q(status=State.DOING, abort_requested=True)
+        else:
+            query |= Q(status=value)
     return query
 
 

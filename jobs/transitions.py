@@ -4,11 +4,705 @@ Defer, cancel, abort, retry, run-now, delete, stall recovery and pruning (first 
 worker's hot path — claim, finish in batches, release, progress (second part). Each statement is
 conditional and returns what changed; every write made for an attempt is fenced on
 (job, worker, attempt). See docs/architecture.md for the data path and the state diagram.
+
+State lives once, in `procrastinate_jobs`; `skiplock_job` is the side row (progress, result,
+error, owner, keys, timings), inserted by the defer statement; `skiplock_job_attempt` gets one row
+per ended attempt from whoever ends it. Statements that change what a live page shows call
+`skiplock_announce(jsonb)` once (one NOTIFY, only while a listener is registered), and those that
+end attempts or jobs call `skiplock_count_ends(...)` (the /metrics counters). No trigger of
+Skiplock's own, no session setting.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import IntegrityError, connection, transaction
+
+from jobs.exceptions import (
+    AlreadyQueued,
+    IdempotencyConflict,
+    InvalidArguments,
+    InvalidTransition,
+    JobNotFound,
+)
+from jobs.registry import TaskSpec, get_task
+from jobs.states import FINAL_STATES, State
+
 # --- jobs: defer and the transitions people ask for ------------------------------------------------
+
+MAX_DELAY_SECONDS = 366 * 24 * 3600
+# A job whose worker was lost this many times fails: lost-worker requeues use up no retry, and a
+# job that kills its worker every time would otherwise come back for ever.
+MAX_LOST_ATTEMPTS = 3
+STEP_IN_EVENTS = 200  # characters of `step` carried by a notification
+
+# The event one changed job contributes to `skiplock_announce` (alias `j` = the queue row as changed,
+# `r` = its side row or NULL). `state` and `attempts` are the view's (`skiplock_job_view`).
+_EVENT = """jsonb_build_object(
+    'id', j.id, 'event', {kind},
+    'state', CASE WHEN j.status = 'doing' AND j.abort_requested THEN 'aborting' ELSE j.status::text END,
+    'progress', COALESCE(r.progress, 0), 'step', left(COALESCE(r.step, ''), {step}),
+    'attempts', j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END)"""
+
+
+def event_sql(kind: str = "'state'") -> str:
+    """SQL building one job's notification (aliases: `j` the changed queue row, `r` its side row)."""
+    return _EVENT.format(kind=kind, step=STEP_IN_EVENTS)
+
+
+# The queueing lock of a job going back to `todo`: given up when another job holding it is already
+# waiting (procrastinate#1543; a queueing lock dedupes starts, so the retry keeps its run).
+QUEUEING_LOCK_ON_RETRY = """CASE WHEN j.queueing_lock IS NOT NULL AND EXISTS (
+    SELECT 1 FROM procrastinate_jobs q
+    WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
+) THEN NULL ELSE j.queueing_lock END"""
+
+
+@dataclass(frozen=True)
+class DeferRequest:
+    """One job to start: a task, its arguments and optional placement."""
+
+    task_name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    priority: int | None = None
+    run_at: dt.datetime | None = None
+    delay_seconds: float | None = None
+    idempotency_key: str | None = None
+    owner_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DeferredJob:
+    job_id: int
+    task_name: str
+    queue: str
+    state: str
+    scheduled_at: dt.datetime | None
+    created: bool  # False when an idempotency key returned an existing job
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request: DeferRequest
+    task_name: str
+    queue: str
+    priority: int
+    lock: str | None
+    queueing_lock: str | None
+    args: dict[str, Any]
+    scheduled_at: dt.datetime | None
+
+
+# One statement: ids drawn once, the queue rows and their side rows inserted together.
+_DEFER = """
+WITH input AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('procrastinate_jobs', 'id')) AS id, i.*
+    FROM unnest(
+        %(queues)s::varchar[], %(tasks)s::varchar[], %(priorities)s::int[], %(locks)s::text[],
+        %(queueing_locks)s::text[], %(args)s::jsonb[], %(scheduled_at)s::timestamptz[],
+        %(keys)s::varchar[], %(owners)s::bigint[]
+    ) WITH ORDINALITY AS i(queue, task, priority, lock, queueing_lock, args, scheduled_at, key, owner, n)
+),
+queued AS (
+    INSERT INTO procrastinate_jobs (id, queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
+    SELECT id, queue, task, priority, lock, queueing_lock, args, scheduled_at FROM input ORDER BY n
+),
+side AS (
+    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id)
+    SELECT id, key, owner FROM input ORDER BY n
+)
+SELECT id FROM input ORDER BY n
+"""
+
+
+def job_defer(
+    *,
+    task_name: str,
+    args: dict[str, Any] | None = None,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: dt.datetime | None = None,
+    delay_seconds: float | None = None,
+    idempotency_key: str | None = None,
+    owner_id: int | None = None,
+) -> DeferredJob:
+    """Start one job. Joins the caller's transaction; an invalid request changes nothing."""
+    request = DeferRequest(
+        task_name=task_name, args=args or {}, queue=queue, priority=priority, run_at=run_at,
+        delay_seconds=delay_seconds, idempotency_key=idempotency_key, owner_id=owner_id,
+    )
+    return job_defer_batch(requests=[request])[0]
+
+
+def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
+    """Start many jobs in one statement (queue rows and side rows); all valid or none started.
+
+    Runs on Django's connection, so it joins the caller's transaction. Without idempotency keys
+    it is exactly one statement; with keys, one read of the keys first.
+    """
+    prepared = _prepare_all(requests)
+    existing = _existing_by_key(prepared)
+    to_insert = [p for p in prepared if p.request.idempotency_key not in existing]
+    ids: list[int] = []
+    if to_insert:
+        try:
+            ids = _insert(to_insert, savepoint=bool(existing) or connection.in_atomic_block)
+        except IntegrityError as exc:
+            constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", "") or ""
+            if "queueing_lock" in constraint:
+                raise AlreadyQueued(
+                    f"a job with this queueing lock is already waiting: {exc.__cause__}",
+                ) from None
+            if "idempotency" not in constraint or not _existing_by_key(prepared):
+                raise
+            # Another request took one of these idempotency keys meanwhile: answer as if we came second.
+            return job_defer_batch(requests=requests)
+    new_ids = iter(ids)
+    results: list[DeferredJob] = []
+    for item in prepared:
+        key = item.request.idempotency_key
+        if key in existing:
+            results.append(existing[key])
+            continue
+        results.append(DeferredJob(
+            job_id=next(new_ids), task_name=item.task_name, queue=item.queue, state=State.TODO,
+            scheduled_at=item.scheduled_at, created=True,
+        ))
+    return results
+
+
+def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
+    params = {
+        "queues": [p.queue for p in items],
+        "tasks": [p.task_name for p in items],
+        "priorities": [p.priority for p in items],
+        "locks": [p.lock for p in items],
+        "queueing_locks": [p.queueing_lock for p in items],
+        "args": [json.dumps(p.args) for p in items],
+        "scheduled_at": [p.scheduled_at for p in items],
+        "keys": [p.request.idempotency_key for p in items],
+        "owners": [p.request.owner_id for p in items],
+    }
+    # Inside the caller's transaction a failed insert must not poison it: a savepoint, only then.
+    if savepoint:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_DEFER, params)
+            return [row[0] for row in cursor.fetchall()]
+    with connection.cursor() as cursor:
+        cursor.execute(_DEFER, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _prepare_all(requests: Sequence[DeferRequest]) -> list[_Prepared]:
+    if not requests:
+        raise InvalidArguments("no jobs to start", details=[{"field": "jobs", "message": "empty", "type": "empty"}])
+    prepared: list[_Prepared] = []
+    problems: list[dict[str, Any]] = []
+    for index, request in enumerate(requests):
+        try:
+            prepared.append(_prepare(request, get_task(request.task_name)))
+        except InvalidArguments as exc:
+            if len(requests) == 1:
+                raise
+            for detail in exc.details or []:
+                problems.append({**detail, "field": f"jobs.{index}.{detail['field']}"})
+    if problems:
+        raise InvalidArguments(f"{len(problems)} invalid field(s) in the batch; no job was started", details=problems)
+    keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    if len(keys) != len(set(keys)):
+        raise InvalidArguments(
+            "the same idempotency key appears twice in one batch",
+            details=[{"field": "idempotency_key", "message": "duplicate in batch", "type": "duplicate"}],
+        )
+    return prepared
+
+
+def _prepare(request: DeferRequest, spec: TaskSpec) -> _Prepared:
+    args = spec.validate(request.args)
+    problems = []
+    queue = request.queue if request.queue is not None else spec.queue
+    if not queue or len(queue) > 128:
+        problems.append({"field": "queue", "message": "must be 1 to 128 characters", "type": "value_error"})
+    priority = request.priority if request.priority is not None else spec.priority
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+        problems.append({"field": "priority", "message": "must be a 32-bit integer", "type": "value_error"})
+    scheduled_at = None
+    if request.run_at is not None and request.delay_seconds is not None:
+        problems.append({"field": "run_at", "message": "give run_at or delay_seconds, not both", "type": "value_error"})
+    elif request.run_at is not None:
+        if request.run_at.tzinfo is None:
+            problems.append({"field": "run_at", "message": "must include a time zone (e.g. Z or +02:00)", "type": "value_error"})
+        scheduled_at = request.run_at
+    elif request.delay_seconds is not None:
+        if not 0 <= request.delay_seconds <= MAX_DELAY_SECONDS:
+            problems.append({"field": "delay_seconds", "message": f"must be from 0 to {MAX_DELAY_SECONDS}", "type": "value_error"})
+        else:
+            scheduled_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=request.delay_seconds)
+    if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 255:
+        problems.append({"field": "idempotency_key", "message": "must be 1 to 255 characters", "type": "value_error"})
+    for name, text in (("queue", queue), ("idempotency_key", request.idempotency_key)):
+        if isinstance(text, str) and "\x00" in text:
+            problems.append({"field": name, "message": "cannot hold NUL characters", "type": "value_error"})
+    try:
+        lock, queueing_lock = spec.lock_for(args), spec.queueing_lock_for(args)
+    except (KeyError, IndexError) as exc:
+        problems.append({"field": "args", "message": f"lock template needs argument {exc}", "type": "value_error"})
+        lock = queueing_lock = None
+    if problems:
+        raise InvalidArguments(
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems), details=problems
+        )
+    return _Prepared(
+        request=request, task_name=spec.name, queue=str(queue), priority=int(priority), lock=lock,
+        queueing_lock=queueing_lock, args=args, scheduled_at=scheduled_at,
+    )
+
+
+def _existing_by_key(prepared: Sequence[_Prepared]) -> dict[str, DeferredJob]:
+    keys = {p.request.idempotency_key: p for p in prepared if p.request.idempotency_key}
+    if not keys:
+        return {}
+    from jobs.models import JobRecord
+
+    found: dict[str, DeferredJob] = {}
+    for record in JobRecord.objects.filter(idempotency_key__in=list(keys)):
+        item = keys[record.idempotency_key or ""]
+        if record.task_name != item.task_name or record.args != item.args:
+            raise IdempotencyConflict(
+                f"idempotency key '{record.idempotency_key}' was used for job {record.job_id} "
+                f"({record.task_name}) with other arguments",
+                details={"job_id": record.job_id, "idempotency_key": record.idempotency_key},
+            )
+        found[record.idempotency_key or ""] = DeferredJob(
+            job_id=record.job_id, task_name=record.task_name, queue=record.queue_name,
+            state=record.state, scheduled_at=record.scheduled_at, created=False,
+        )
+    return found
+
+
+# Cancel (todo → cancelled) or abort (todo → cancelled, doing → aborting) one job; the side row's
+# finished_at is set for a cancelled job, and the end is counted and announced.
+_CANCEL = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j
+    SET status = CASE WHEN j.status = 'todo' THEN 'cancelled'::procrastinate_job_status ELSE j.status END,
+        abort_requested = %(abort)s AND j.status = 'doing'
+    WHERE j.id = %(job_id)s AND (j.status = 'todo' OR (%(abort)s AND j.status = 'doing' AND NOT j.abort_requested))
+    RETURNING j.*
+),
+side AS (
+    INSERT INTO skiplock_job AS r (job_id, finished_at)
+    SELECT id, now() FROM moved WHERE status = 'cancelled'
+    ON CONFLICT (job_id) DO UPDATE SET finished_at = EXCLUDED.finished_at
+)
+SELECT j.status::text, j.abort_requested,
+       skiplock_count_ends(ARRAY[j.task_name]::text[], ARRAY[j.queue_name]::text[], ARRAY[NULL]::text[],
+                           ARRAY[CASE WHEN j.status = 'cancelled' THEN 'cancelled' END]::text[], ARRAY[NULL]::float8[]),
+       skiplock_announce(jsonb_build_array({event}))
+FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
+"""
+
+
+def job_cancel(*, job_id: int) -> str:
+    """Cancel a waiting job (todo → cancelled)."""
+    if _run(_CANCEL, {"job_id": job_id, "abort": False}) is None:
+        raise _wrong_state(job_id, "cancel")
+    return State.CANCELLED
+
+
+def job_abort(*, job_id: int) -> str:
+    """Ask a running job to stop (doing → aborting → aborted); a waiting job is cancelled."""
+    row = _run(_CANCEL, {"job_id": job_id, "abort": True})
+    if row is None:
+        raise _wrong_state(job_id, "abort")
+    return State.CANCELLED if row[0] == State.CANCELLED else State.ABORTING
+
+
+_RETRY = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j
+    SET status = 'todo', scheduled_at = now(), queueing_lock = {queueing_lock}
+    WHERE j.id = %(job_id)s AND j.status = 'failed'
+    RETURNING j.*
+),
+side AS (UPDATE skiplock_job SET finished_at = NULL WHERE job_id IN (SELECT id FROM moved))
+SELECT j.id, skiplock_announce(jsonb_build_array({event}))
+FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
+"""
+
+
+def job_retry(*, job_id: int) -> str:
+    """Run a failed job again now (failed → todo); its attempts and errors stay in its history.
+
+    Its attempt count is left as it is, so the retry policy grants this one attempt; a waiting job
+    holding its queueing lock makes it give the key up rather than refuse the retry.
+    """
+    if _run(_RETRY.replace("{queueing_lock}", QUEUEING_LOCK_ON_RETRY), {"job_id": job_id}) is None:
+        raise _wrong_state(job_id, "retry")
+    return State.TODO
+
+
+_RUN_NOW = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j SET scheduled_at = now()
+    WHERE j.id = %(job_id)s AND j.status = 'todo' AND j.scheduled_at > now()
+    RETURNING j.*
+)
+SELECT j.id, skiplock_announce(jsonb_build_array({event}))
+FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
+"""
+
+
+def job_run_now(*, job_id: int) -> str:
+    """Make a scheduled job runnable now."""
+    if _run(_RUN_NOW, {"job_id": job_id}) is None:
+        raise _wrong_state(job_id, "run now")
+    return State.TODO
+
+
+_DELETE = """
+WITH gone AS (
+    DELETE FROM procrastinate_jobs
+    WHERE id = %(job_id)s AND status IN ('todo', 'succeeded', 'failed', 'cancelled', 'aborted')
+    RETURNING id
+),
+side AS (DELETE FROM skiplock_job WHERE job_id IN (SELECT id FROM gone)),
+attempts AS (DELETE FROM skiplock_job_attempt WHERE job_id IN (SELECT id FROM gone))
+SELECT id FROM gone
+"""
+
+
+def job_delete(*, job_id: int) -> None:
+    """Delete a finished or waiting job with its side row, attempts and events."""
+    if _run(_DELETE, {"job_id": job_id}, with_event=False) is None:
+        raise _wrong_state(job_id, "delete")
+
+
+def _run(sql: str, params: dict[str, Any], *, with_event: bool = True) -> tuple[Any, ...] | None:
+    if with_event:
+        sql = sql.replace("{event}", event_sql())
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+def _state_of(job_id: int) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT CASE WHEN status = 'doing' AND abort_requested THEN 'aborting' ELSE status::text END "
+            "FROM procrastinate_jobs WHERE id = %s",
+            [job_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise JobNotFound(f"no job has id {job_id}")
+    return str(row[0])
+
+
+def _wrong_state(job_id: int, action: str) -> InvalidTransition:
+    return InvalidTransition(job_id=job_id, action=action, state=_state_of(job_id))
+
+
+def is_final(state: str) -> bool:
+    return state in FINAL_STATES
+
+
+# --- ending attempts: one fenced, set-based statement ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How one attempt ends. `status` is where the job goes: succeeded, failed, aborted, or todo.
+
+    `counts` says whether a job going back to todo uses up a retry (False for `requeued` and
+    `lost`). Error fields left None keep what the side row holds (what the worker recorded).
+    """
+
+    job_id: int
+    worker_id: int | None
+    attempts: int  # procrastinate_jobs.attempts as claimed: the fence
+    status: str
+    outcome: str
+    retry_at: dt.datetime | None = None
+    counts: bool = True
+    error_type: str | None = None
+    error_message: str | None = None
+    error_traceback: str | None = None
+
+
+# Fenced on (job, worker, attempts): an attempt that was written off changes nothing. Moves the
+# queue row (unlinking the worker), upserts the side row (first start, end, worker, error), inserts
+# the attempt row, counts the ends and announces them — one statement, one transaction.
+END_ATTEMPTS = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ids)s::bigint[], %(worker_ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
+        %(outcomes)s::text[], %(retry_at)s::timestamptz[], %(counts)s::bool[],
+        %(error_types)s::text[], %(error_messages)s::text[], %(error_tracebacks)s::text[]
+    ) AS i(id, worker_id, attempts, status, outcome, retry_at, counts, error_type, error_message, error_traceback)
+),
+owned AS (
+    SELECT j.id, j.task_name, j.queue_name, i.retry_at, i.counts,
+           CASE WHEN i.status = 'todo' AND j.abort_requested THEN 'failed' ELSE i.status END AS new_status,
+           CASE WHEN i.status = 'todo' AND j.abort_requested AND i.outcome = 'retried' THEN 'failed'
+                ELSE i.outcome END AS outcome,
+           (SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started') AS started_at,
+           COALESCE((SELECT w.name FROM skiplock_worker w WHERE w.worker_id = j.worker_id),
+                    'worker-' || j.worker_id::text, '') AS worker_name,
+           COALESCE(i.error_type, r.error_type, '') AS error_type,
+           COALESCE(i.error_message, r.error_message, '') AS error_message,
+           COALESCE(i.error_traceback, r.error_traceback, '') AS error_traceback
+    FROM input i
+    JOIN procrastinate_jobs j ON j.id = i.id AND j.status = 'doing'
+         AND j.worker_id IS NOT DISTINCT FROM i.worker_id AND j.attempts = i.attempts
+    LEFT JOIN skiplock_job r ON r.job_id = j.id
+    FOR UPDATE OF j
+),
+moved AS (
+    UPDATE procrastinate_jobs j
+    SET status = o.new_status::procrastinate_job_status,
+        attempts = j.attempts + CASE WHEN o.new_status = 'todo' AND NOT o.counts THEN 0 ELSE 1 END,
+        abort_requested = false,
+        worker_id = NULL,
+        scheduled_at = CASE WHEN o.new_status = 'todo' THEN COALESCE(o.retry_at, now()) ELSE j.scheduled_at END,
+        queueing_lock = CASE WHEN o.new_status = 'todo' THEN {queueing_lock} ELSE j.queueing_lock END
+    FROM owned o
+    WHERE j.id = o.id
+    RETURNING j.*
+),
+side AS (
+    INSERT INTO skiplock_job AS r (job_id, started_at, finished_at, worker_name,
+                                   error_type, error_message, error_traceback)
+    SELECT o.id, o.started_at, CASE WHEN o.new_status <> 'todo' THEN now() END, o.worker_name,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_type END,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_message END,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_traceback END
+    FROM owned o
+    ON CONFLICT (job_id) DO UPDATE
+    SET started_at = COALESCE(r.started_at, EXCLUDED.started_at), finished_at = EXCLUDED.finished_at,
+        worker_name = EXCLUDED.worker_name, error_type = EXCLUDED.error_type,
+        error_message = EXCLUDED.error_message, error_traceback = EXCLUDED.error_traceback
+),
+attempt AS (
+    INSERT INTO skiplock_job_attempt (job_id, number, worker_name, started_at, finished_at, outcome,
+                                      error_type, error_message, error_traceback)
+    SELECT o.id, COALESCE((SELECT max(a.number) FROM skiplock_job_attempt a WHERE a.job_id = o.id), 0) + 1,
+           o.worker_name, COALESCE(o.started_at, now()), now(), o.outcome,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_type END,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_message END,
+           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_traceback END
+    FROM owned o
+)
+SELECT (SELECT COALESCE(jsonb_agg(jsonb_build_array(j.id, j.status::text)), '[]') FROM moved j) AS ended,
+       (SELECT skiplock_count_ends(
+            array_agg(o.task_name), array_agg(o.queue_name), array_agg(o.outcome),
+            array_agg(CASE WHEN o.new_status <> 'todo' THEN o.new_status END),
+            array_agg(EXTRACT(EPOCH FROM now() - COALESCE(o.started_at, now()))::float8))
+        FROM owned o) AS counted,
+       (SELECT skiplock_announce(jsonb_agg({event}))
+        FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id) AS announced
+"""
+
+
+def end_attempts_sql() -> str:
+    return END_ATTEMPTS.replace("{queueing_lock}", QUEUEING_LOCK_ON_RETRY).replace("{event}", event_sql())
+
+
+def end_attempts_params(ends: Sequence[AttemptEnd]) -> dict[str, Any]:
+    return {
+        "ids": [e.job_id for e in ends],
+        "worker_ids": [e.worker_id for e in ends],
+        "attempts": [e.attempts for e in ends],
+        "statuses": [e.status for e in ends],
+        "outcomes": [e.outcome for e in ends],
+        "retry_at": [e.retry_at for e in ends],
+        "counts": [e.counts for e in ends],
+        "error_types": [e.error_type for e in ends],
+        "error_messages": [e.error_message for e in ends],
+        "error_tracebacks": [e.error_traceback for e in ends],
+    }
+
+
+def end_attempts(ends: Sequence[AttemptEnd], *, cursor: Any = None) -> dict[int, str]:
+    """End these attempts (those still owned as described); returns {job_id: new status} of those ended."""
+    if not ends:
+        return {}
+    if cursor is None:
+        with connection.cursor() as own:
+            return end_attempts(ends, cursor=own)
+    cursor.execute(end_attempts_sql(), end_attempts_params(ends))
+    ended = cursor.fetchone()[0]
+    if isinstance(ended, str):
+        ended = json.loads(ended)
+    return {int(job_id): str(status) for job_id, status in ended}
+
+
+# --- stall recovery and pruning --------------------------------------------------------------------
+
+_STALLED = """
+SELECT j.id, j.task_name, j.attempts, j.worker_id,
+       (SELECT count(*) FROM skiplock_job_attempt a WHERE a.job_id = j.id AND a.outcome = 'lost')
+FROM procrastinate_jobs j
+LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
+WHERE j.status = 'doing'
+  AND (j.worker_id IS NULL OR w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => %(after)s)
+       OR j.worker_id = ANY(%(dead)s))
+ORDER BY j.id
+LIMIT %(batch)s
+FOR UPDATE OF j SKIP LOCKED
+"""
+
+_PRUNE_WORKERS = """
+WITH gone AS (
+    DELETE FROM procrastinate_workers
+    WHERE id = ANY(%(dead)s) OR (%(by_heartbeat)s AND last_heartbeat < now() - make_interval(secs => %(after)s))
+    RETURNING id
+),
+marked AS (
+    UPDATE skiplock_worker SET stopped_at = COALESCE(stopped_at, now()) WHERE worker_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone
+"""
+
+
+@dataclass
+class Recovery:
+    retried: list[int]
+    failed: list[int]
+    workers_pruned: int
+
+
+def recover_stalled(
+    *, stalled_after: float, worker_ids: Sequence[int] | None = None, batch: int = 500,
+    reason: str | None = None, outcome: str = "lost",
+) -> Recovery:
+    """Take back the `doing` jobs of dead workers, in the transaction that forgets those workers.
+
+    A worker is dead when it stopped heartbeating `stalled_after` seconds ago (or is in
+    `worker_ids`, which the caller knows are dead). Each of its jobs goes back to `todo` without
+    using up a retry (outcome `lost`), or fails once it was lost MAX_LOST_ATTEMPTS times. The
+    workers' rows are deleted in the same transaction, so a worker that was only frozen finds its
+    id gone when it resumes: its fence no longer matches, and its late writes change nothing.
+    """
+    dead = list(worker_ids or [])
+    by_heartbeat = worker_ids is None
+    after = stalled_after if by_heartbeat else 1.0e12
+    retried: list[int] = []
+    failed: list[int] = []
+    pruned = 0
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_STALLED, {"after": after, "dead": dead, "batch": batch})
+            rows = cursor.fetchall()
+            ends = []
+            for job_id, _task_name, attempts, worker_id, lost_before in rows:
+                message = reason or (
+                    f"the worker running this job (id {worker_id}) stopped heartbeating for more than "
+                    f"{stalled_after:g} s; the job was taken back"
+                    if worker_id is not None and by_heartbeat
+                    else f"the worker running this job (id {worker_id}) is gone; the job was taken back"
+                )
+                give_up = lost_before + 1 >= MAX_LOST_ATTEMPTS
+                ends.append(AttemptEnd(
+                    job_id=job_id, worker_id=worker_id, attempts=attempts,
+                    status="failed" if give_up else "todo", outcome=outcome, counts=False,
+                    error_type="WorkerLost", error_message=message, error_traceback="",
+                ))
+            for job_id, status in end_attempts(ends, cursor=cursor).items():
+                (retried if status == State.TODO else failed).append(job_id)
+            if len(rows) < batch:
+                cursor.execute(_PRUNE_WORKERS, {"dead": dead, "by_heartbeat": by_heartbeat, "after": after})
+                pruned = int(cursor.fetchone()[0])
+                break
+    return Recovery(retried=sorted(retried), failed=sorted(failed), workers_pruned=pruned)
+
+
+def end_one_attempt(
+    cursor: Any, *, job_id: int, outcome: str, error_type: str, message: str, retry: bool, counts: bool = True,
+) -> str | None:
+    """End the running attempt of one `doing` job (whoever runs it) with `outcome`: retried or failed.
+
+    For callers that already hold the row (the supervisor's hard-time-limit kill). Returns the
+    job's new status, or None when it was no longer running.
+    """
+    cursor.execute("SELECT worker_id, attempts FROM procrastinate_jobs WHERE id = %s AND status = 'doing'", [job_id])
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    end = AttemptEnd(
+        job_id=job_id, worker_id=row[0], attempts=row[1], status="todo" if retry else "failed",
+        outcome=outcome, counts=counts, error_type=error_type, error_message=message, error_traceback="",
+    )
+    return end_attempts([end], cursor=cursor).get(job_id)
+
+
+# Finished jobs past the retention, oldest first, with their side rows and attempts (no trigger
+# deletes them); procrastinate's events go by its own cascade. Each batch is its own transaction.
+_PRUNE = """
+WITH victims AS (
+    SELECT j.id FROM skiplock_job r
+    JOIN procrastinate_jobs j ON j.id = r.job_id
+    WHERE r.finished_at < now() - make_interval(secs => %(older_than)s)
+      AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
+    ORDER BY r.finished_at
+    LIMIT %(batch)s
+    FOR UPDATE OF j SKIP LOCKED
+),
+gone AS (DELETE FROM procrastinate_jobs WHERE id IN (SELECT id FROM victims) RETURNING id),
+side AS (DELETE FROM skiplock_job WHERE job_id IN (SELECT id FROM gone)),
+attempts AS (DELETE FROM skiplock_job_attempt WHERE job_id IN (SELECT id FROM gone))
+SELECT count(*) FROM gone
+"""
+
+
+def prune_batch(*, older_than: float, batch: int) -> int:
+    """Delete one batch of finished jobs older than `older_than` seconds; returns how many went."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL lock_timeout = '2s'")
+        cursor.execute(_PRUNE, {"older_than": older_than, "batch": batch})
+        return int(cursor.fetchone()[0])
+
+
+# --- periodic defer: one tick of a schedule, on the worker's async connection ----------------------
+
+# A tick's job is deferred with its side row, like any start. When its queueing lock is held by a
+# waiting job that is not due (e.g. scheduled for year 9999), that job is cancelled and the tick
+# takes its place: a periodic tick is never blocked by a job that will not run.
+PERIODIC_REPLACE_NOT_DUE = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j SET status = 'cancelled'
+    WHERE j.queueing_lock = %(queueing_lock)s AND j.status = 'todo' AND j.scheduled_at > now()
+    RETURNING j.*
+),
+side AS (
+    INSERT INTO skiplock_job AS r (job_id, finished_at, error_type, error_message)
+    SELECT id, now(), 'Replaced', 'a periodic tick found this job holding its queueing lock without being due; '
+                                  'it was cancelled and the tick deferred'
+    FROM moved
+    ON CONFLICT (job_id) DO UPDATE SET finished_at = EXCLUDED.finished_at, error_type = EXCLUDED.error_type,
+                                       error_message = EXCLUDED.error_message
+)
+SELECT count(*), (SELECT skiplock_count_ends(array_agg(task_name), array_agg(queue_name),
+                                             array_agg(NULL::text), array_agg('cancelled'::text),
+                                             array_agg(NULL::float8)) FROM moved)
+FROM moved
+"""
+
+PERIODIC_DEFER = """
+WITH job AS (
+    SELECT procrastinate_defer_periodic_job_v2(
+        %(queue)s, NULL, %(queueing_lock)s, %(task_name)s, %(priority)s, %(periodic_id)s, %(tick)s, %(args)s::jsonb
+    ) AS job_id
+),
+side AS (INSERT INTO skiplock_job (job_id) SELECT job_id FROM job WHERE job_id IS NOT NULL)
+SELECT job_id FROM job
+"""
 
 
 # --- worker hot path: claim, finish, release, progress ---------------------------------------------

@@ -44,39 +44,18 @@ from procrastinate.contrib.django.utils import connector_params
 from procrastinate.psycopg_connector import PsycopgConnector
 from procrastinate.worker import Worker
 
-from jobs import maintenance, timelimits
+from jobs import maintenance, timelimits, transitions
 from jobs.reconnect import backoff_delays, is_connection_error, until_connected
 
 logger = logging.getLogger(__name__)
 
 PERSIST_RETRY_SECONDS = 600.0
 
-_OWNED = """
-WITH owned AS (
-    SELECT id FROM procrastinate_jobs
-    WHERE id = %(job_id)s AND status = 'doing' AND worker_id = %(worker_id)s AND attempts = %(attempts)s
-    FOR UPDATE
-)
-"""
-_FINISH = _OWNED + "SELECT procrastinate_finish_job_v1(id, %(status)s::procrastinate_job_status, false) FROM owned"
-_RETRY = _OWNED + (
-    "SELECT procrastinate_retry_job_v2(id, %(retry_at)s, %(priority)s, %(queue)s, %(lock)s) FROM owned"
-)
-
 _LOCK_OWNED = """
-SELECT id FROM procrastinate_jobs
+SELECT id, attempts FROM procrastinate_jobs
 WHERE id = ANY(%(job_ids)s) AND status = 'doing' AND worker_id = %(worker_id)s
 FOR UPDATE
 """
-_NOTE_ERROR = """
-WITH attempt AS (
-    UPDATE skiplock_job_attempt SET error_type = %(error_type)s, error_message = %(message)s
-    WHERE job_id = ANY(%(job_ids)s) AND finished_at IS NULL
-)
-UPDATE skiplock_job SET error_type = %(error_type)s, error_message = %(message)s, error_traceback = ''
-WHERE job_id = ANY(%(job_ids)s)
-"""
-_RETRY_NOW = "SELECT procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM unnest(%(job_ids)s::bigint[]) AS id"
 
 _REGISTER = """
 WITH w AS (INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id)
@@ -372,25 +351,20 @@ class SkiplockWorker(Worker):
             if job.id in self._abandoned:
                 logger.info("job %s was requeued while it ran; its outcome (%s) is dropped", job.id, status.value)
                 return
-            params: dict[str, Any] = {"job_id": job.id, "worker_id": self.worker_id, "attempts": job.attempts}
-            if retry_decision is not None:
-                query = _RETRY
-                params.update(
-                    retry_at=retry_decision.retry_at or utils.utcnow(), priority=retry_decision.priority,
-                    queue=retry_decision.queue, lock=retry_decision.lock,
-                )
-            else:
-                query = _FINISH
-                params["status"] = status.value
-
             timed_out = timelimits.pop_timed_out(job.id)
+            # lean-data adapter: the fenced end of the attempt through jobs.transitions (no triggers).
+            end = transitions.AttemptEnd(
+                job_id=job.id, worker_id=self.worker_id, attempts=job.attempts,
+                status="todo" if retry_decision is not None else status.value,
+                outcome="timed_out" if timed_out else ("retried" if retry_decision is not None else status.value),
+                retry_at=(retry_decision.retry_at or utils.utcnow()) if retry_decision is not None else None,
+            )
 
             async def persist() -> int:
                 async with self.pool.connection() as conn, conn.transaction():
-                    if timed_out:
-                        await conn.execute("SELECT set_config('skiplock.attempt_outcome', 'timed_out', true)")
-                    cursor = await conn.execute(query, params)
-                    return len(await cursor.fetchall())
+                    cursor = await conn.execute(transitions.end_attempts_sql(), transitions.end_attempts_params([end]))
+                    row = await cursor.fetchone()
+                    return len(row[0]) if row else 0
 
             try:
                 # However long the outage: if the sweeper takes the job back meanwhile, the fence drops this.
@@ -416,14 +390,19 @@ class SkiplockWorker(Worker):
 
         async def requeue() -> list[int]:
             async with self.pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT set_config('skiplock.attempt_outcome', %s, true)", [outcome])
                 cursor = await conn.execute(_LOCK_OWNED, {"job_ids": job_ids, "worker_id": self.worker_id})
-                owned = [row[0] for row in await cursor.fetchall()]
-                if owned:
-                    note = {"job_ids": owned, "error_type": error_type, "message": message}
-                    await conn.execute(_NOTE_ERROR, note)
-                    await conn.execute(_RETRY_NOW, {"job_ids": owned})
-                return owned
+                ends = [
+                    transitions.AttemptEnd(
+                        job_id=job_id, worker_id=self.worker_id, attempts=attempts, status="todo", outcome=outcome,
+                        error_type=error_type, error_message=message, error_traceback="",
+                    )
+                    for job_id, attempts in await cursor.fetchall()
+                ]
+                if not ends:
+                    return []
+                cursor = await conn.execute(transitions.end_attempts_sql(), transitions.end_attempts_params(ends))
+                row = await cursor.fetchone()
+                return [int(job_id) for job_id, _ in (row[0] if row else [])]
 
         return await until_connected(requeue, what=f"requeueing jobs {job_ids}", deadline=10.0)
 

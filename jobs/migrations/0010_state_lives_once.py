@@ -64,37 +64,41 @@ LEFT JOIN skiplock_job r ON r.job_id = j.id
 """
 
 FUNCTIONS = r"""
-CREATE FUNCTION skiplock_announce(_events jsonb) RETURNS void LANGUAGE plpgsql AS $$
+CREATE FUNCTION skiplock_announce(_events jsonb) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     _chunk text := '';
     _item text;
+    _sent integer := 0;
 BEGIN
     IF _events IS NULL OR jsonb_typeof(_events) <> 'array' OR jsonb_array_length(_events) = 0 THEN
-        RETURN;
+        RETURN 0;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM skiplock_listener WHERE expires_at > now()) THEN
-        RETURN;  -- nobody listens: no NOTIFY, so no commit waits on the notification queue lock
+        RETURN 0;  -- nobody listens: no NOTIFY, so no commit waits on the notification queue lock
     END IF;
     IF octet_length(_events::text) < 7900 THEN
         PERFORM pg_notify('skiplock_job', _events::text);
-        RETURN;
+        RETURN 1;
     END IF;
     FOR _item IN SELECT value::text FROM jsonb_array_elements(_events) LOOP
         IF _chunk <> '' AND octet_length(_chunk) + octet_length(_item) + 2 > 7900 THEN
             PERFORM pg_notify('skiplock_job', '[' || _chunk || ']');
+            _sent := _sent + 1;
             _chunk := '';
         END IF;
         _chunk := CASE WHEN _chunk = '' THEN _item ELSE _chunk || ',' || _item END;
     END LOOP;
     IF _chunk <> '' THEN
         PERFORM pg_notify('skiplock_job', '[' || _chunk || ']');
+        _sent := _sent + 1;
     END IF;
+    RETURN _sent;
 END;
 $$;
 
 CREATE FUNCTION skiplock_count_ends(
     _tasks text[], _queues text[], _outcomes text[], _final_states text[], _seconds float8[]
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS integer LANGUAGE sql AS $$
     INSERT INTO skiplock_task_stats AS s (task_name, outcome, shard, count, seconds_sum, buckets)
     SELECT e.task, e.outcome, pg_backend_pid() % 4, count(*), COALESCE(sum(e.seconds), 0),
            ARRAY[BUCKETS]::bigint[]
@@ -111,6 +115,7 @@ CREATE FUNCTION skiplock_count_ends(
     WHERE e.state IS NOT NULL AND e.queue IS NOT NULL
     GROUP BY e.queue, e.state
     ON CONFLICT (queue_name, state, shard) DO UPDATE SET count = q.count + EXCLUDED.count;
+    SELECT coalesce(array_length(_outcomes, 1), 0);
 $$;
 """.replace(
     "ARRAY[BUCKETS]",
