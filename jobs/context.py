@@ -1,16 +1,18 @@
 """What a running task can reach: its job id, attempt, progress reporting and abort requests.
 
 Works the same in sync tasks (run in a worker thread) and async tasks (on the worker's loop):
-the context lives in a ContextVar that asgiref copies into the task's thread.
-`report_progress` does no I/O: it stores the latest value and wakes the worker's flusher,
-which writes at most one UPDATE per `SKIPLOCK_PROGRESS_INTERVAL` and always the last value.
+the worker sets the context in a ContextVar of the task (and of its thread).
+`report_progress` does no I/O: it stores the latest value and, the first time since the last
+write, asks the worker for a write; the worker writes at most one fenced UPDATE per
+`SKIPLOCK_PROGRESS_INTERVAL`, and the finish statement carries what is still pending. A job that
+never reports progress costs no progress machinery at all.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,15 +34,14 @@ def current_job() -> JobContext:
 
 @dataclass
 class _Progress:
-    """The latest reported progress, handed from the task's thread to the loop's flusher."""
+    """The latest reported progress, handed from the task's thread to the worker's writer."""
 
     percent: int = 0
-    step: str = ""
+    step: str | None = None  # None: the job never named a step (the stored one is kept)
     dirty: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def take(self) -> tuple[int, str] | None:
+    def take(self) -> tuple[int, str | None] | None:
         with self.lock:
             if not self.dirty:
                 return None
@@ -58,9 +59,10 @@ class JobContext:
     soft_time_limit: float
     hard_time_limit: float
     started_monotonic: float = field(default_factory=time.monotonic)
-    _procrastinate: Any = field(default=None, repr=False)
-    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    # Called (from any thread) when progress becomes pending: the worker schedules a write.
+    _on_progress: Callable[[], None] | None = field(default=None, repr=False)
     _progress: _Progress = field(default_factory=_Progress, repr=False)
+    abort_requested: bool = False  # set by the worker when it learns of an abort request
     soft_limit_hit: bool = False
     thread_id: int | None = field(default=None, repr=False)
 
@@ -80,25 +82,13 @@ class JobContext:
             if progress.dirty:
                 return  # the flusher is already due to write; it will take this newer value
             progress.dirty = True
-        self._wake_flusher()
+        if self._on_progress is not None:
+            self._on_progress()
 
     def should_abort(self) -> bool:
         """True once an abort of this job was requested (cheap: no database round trip)."""
-        return bool(self._procrastinate is not None and self._procrastinate.should_abort())
+        return self.abort_requested
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started_monotonic
-
-    def _wake_flusher(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._progress.wake.set()
-        else:
-            loop.call_soon_threadsafe(self._progress.wake.set)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import psycopg
@@ -87,3 +88,39 @@ async def until_connected[T](
         if warned:
             logger.warning("database reachable again: %s done", what)
         return result
+
+
+class Outage:
+    """One log line per change of a database outage: lost, still down (each minute), back.
+
+    Every part of a worker (claims, finishes, heartbeat, LISTEN, progress) reports its failures
+    and successes here, so an outage of any length costs the log a few lines, not a traceback
+    every few seconds.
+    """
+
+    REMIND_EVERY = 60.0
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.down_since: float | None = None
+        self.reminded_at = 0.0
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = self.reminded_at = now
+            self.log.warning("database unreachable while %s (%s); jobs wait until it is back, retrying",
+                             what, _short(exc))
+        elif now - self.reminded_at >= self.REMIND_EVERY:
+            self.reminded_at = now
+            self.log.warning("database still unreachable after %.0f s (%s)", now - self.down_since, _short(exc))
+
+    def recovered(self) -> None:
+        if self.down_since is not None:
+            self.log.warning("database reachable again after %.1f s", time.monotonic() - self.down_since)
+            self.down_since = None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]

@@ -1,125 +1,74 @@
-"""The worker middleware that records what only the worker knows: result, error, progress.
+"""How one attempt ends: its result or error, the retry decision, and the one log line it earns.
 
-State, timings and attempts are kept by database triggers on procrastinate's table (migration
-0002); this middleware adds, around every attempt, the task context, a progress flusher, and
-one final UPDATE with the result or the error. Task code never writes these rows.
+The worker (jobs/worker.py) runs a job, then turns what happened into an `Ending`: succeeded
+with a JSON result, retried at a time its policy chose, failed, aborted, or requeued without
+using up a retry. Endings wait in the worker's buffer and are written in batches by the finish
+statement (jobs/transitions.py), together with the queue row, the side row and the attempt row.
+
+Any exception a task raises — `SystemExit` and `KeyboardInterrupt` included — is that job's
+failure, retried by its policy; it never reaches the worker. A retried failure logs one WARNING
+line; the final failure logs an ERROR with the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import datetime as dt
 import json
 import logging
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
-from procrastinate.job_context import JobContext as ProcrastinateContext
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import jobs as procrastinate_jobs
 
-from jobs.context import JobContext, _current
-from jobs.exceptions import ResultNotSerializable
-from jobs.reconnect import until_connected
-from jobs.registry import DEFAULT_HARD_TIME_LIMIT, DEFAULT_SOFT_TIME_LIMIT, find_task
-from jobs.transitions import event_sql
+from jobs.exceptions import ResultNotSerializable, TimeLimitExceeded
+from jobs.registry import RetryPolicy
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("jobs.worker")
 
 MAX_RESULT_BYTES = 1_000_000
 MAX_MESSAGE_CHARS = 4000
 MAX_TRACEBACK_CHARS = 20000
-RECORD_RETRY_SECONDS = 60.0  # a database outage delays the record write; it does not fail the job
-
-# lean-data adapter: no trigger announces progress any more; the write announces itself.
-_WRITE_PROGRESS = """
-WITH r AS (
-    UPDATE skiplock_job SET progress = %(progress)s, step = %(step)s, progress_at = now()
-    WHERE job_id = %(job_id)s AND (progress, step) IS DISTINCT FROM (%(progress)s, %(step)s)
-    RETURNING *
-)
-SELECT skiplock_announce(jsonb_agg(""" + event_sql("'progress'") + """))
-FROM r JOIN procrastinate_jobs j ON j.id = r.job_id
-"""
-
-_WRITE_SUCCESS = """
-UPDATE skiplock_job
-SET result = %(result)s::jsonb, progress = 100, step = COALESCE(%(step)s, step), progress_at = now(),
-    error_type = '', error_message = '', error_traceback = ''
-WHERE job_id = %(job_id)s
-"""
-
-_WRITE_FAILURE = """
-WITH attempt AS (
-    UPDATE skiplock_job_attempt
-    SET error_type = %(error_type)s, error_message = %(error_message)s, error_traceback = %(traceback)s
-    WHERE job_id = %(job_id)s AND finished_at IS NULL
-)
-UPDATE skiplock_job
-SET error_type = %(error_type)s, error_message = %(error_message)s, error_traceback = %(traceback)s,
-    progress = COALESCE(%(progress)s, progress), step = COALESCE(%(step)s, step), progress_at = now()
-WHERE job_id = %(job_id)s
-"""
 
 
-def install(procrastinate_app: Any) -> None:
-    """PROCRASTINATE_ON_APP_READY: wrap every job of every worker in `record_job` and its time limits."""
-    from jobs.timelimits import enforce_time_limits, track_thread
+@dataclass(frozen=True)
+class Claimed:
+    """A job as the claim statement returned it; (id, attempts) plus the worker id is the attempt."""
 
-    middlewares = list(procrastinate_app.worker_defaults.get("worker_middleware") or [])
-    if record_job not in middlewares:
-        middlewares = [record_job, *middlewares]
-    if enforce_time_limits not in middlewares:
-        middlewares.insert(middlewares.index(record_job) + 1, enforce_time_limits)
-    procrastinate_app.worker_defaults["worker_middleware"] = middlewares
-    task_middlewares = list(procrastinate_app.worker_defaults.get("task_middleware") or [])
-    if track_thread not in task_middlewares:
-        procrastinate_app.worker_defaults["task_middleware"] = [*task_middlewares, track_thread]
+    id: int
+    task_name: str
+    queue: str
+    priority: int
+    lock: str | None
+    queueing_lock: str | None
+    args: dict[str, Any]
+    attempts: int  # finished attempts before this one (procrastinate's count)
+    abort_requested: bool = False
 
-
-def build_context(context: ProcrastinateContext) -> JobContext:
-    job = context.job
-    spec = find_task(job.task_name)
-    assert job.id is not None
-    return JobContext(
-        job_id=job.id,
-        attempt=job.attempts + 1,
-        task_name=job.task_name,
-        queue=job.queue,
-        args=dict(job.task_kwargs),
-        soft_time_limit=spec.soft_time_limit if spec else DEFAULT_SOFT_TIME_LIMIT,
-        hard_time_limit=spec.hard_time_limit if spec else DEFAULT_HARD_TIME_LIMIT,
-        _procrastinate=context,
-        _loop=asyncio.get_running_loop(),
-    )
+    def as_procrastinate_job(self) -> procrastinate_jobs.Job:
+        return procrastinate_jobs.Job(
+            id=self.id, queue=self.queue, lock=self.lock, queueing_lock=self.queueing_lock,
+            task_name=self.task_name, priority=self.priority, task_kwargs=self.args, attempts=self.attempts,
+        )
 
 
-async def record_job(call_next: Any, context: ProcrastinateContext, worker: Any) -> Any:
-    """procrastinate worker middleware: wrap one attempt of one job."""
-    connector = worker.app.connector
-    ctx = build_context(context)
-    token = _current.set(ctx)
-    stop = asyncio.Event()
-    flusher = asyncio.create_task(_flush_progress(ctx, connector, stop), name=f"progress {ctx.job_id}")
-    try:
-        result = await call_next()
-    except BaseException as exc:
-        pending = await _stop_flusher(flusher, stop, ctx)
-        await _shielded(_write_failure(connector, ctx.job_id, exc, pending))
-        raise
-    finally:
-        _current.reset(token)
-    pending = await _stop_flusher(flusher, stop, ctx)
-    try:
-        payload = encode_result(result)
-    except ResultNotSerializable as exc:
-        await _shielded(_write_failure(connector, ctx.job_id, exc, pending))
-        raise
-    step = pending[1] if pending else None
-    await _shielded(until_connected(
-        lambda: connector.execute_query_async(_WRITE_SUCCESS, job_id=ctx.job_id, result=payload, step=step),
-        what=f"storing the result of job {ctx.job_id}", deadline=RECORD_RETRY_SECONDS,
-    ))
-    return result
+@dataclass
+class Ending:
+    """How one attempt ended, waiting in the worker's buffer for the next finish batch."""
+
+    job: Claimed
+    status: str  # succeeded | failed | aborted | todo (retry) | requeue (back to todo, no retry used)
+    outcome: str  # the attempt row's outcome
+    started_at: dt.datetime
+    result: str | None = None  # JSON text
+    retry_at: dt.datetime | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    progress: int | None = None  # the last progress still pending (None: nothing pending)
+    step: str | None = None
 
 
 def encode_result(result: Any) -> str:
@@ -138,79 +87,89 @@ def encode_result(result: Any) -> str:
     return payload
 
 
-async def _flush_progress(ctx: JobContext, connector: Any, stop: asyncio.Event) -> None:
-    """Write reported progress as it comes, at most once per interval; the newest value wins.
+def succeeded(job: Claimed, started_at: dt.datetime, payload: str) -> Ending:
+    return Ending(job=job, status="succeeded", outcome="succeeded", started_at=started_at, result=payload)
 
-    Never cancelled mid-write (a cancelled UPDATE would lose the value it took): `stop` ends
-    the loop between writes, and the caller folds what is still pending into its final write.
+
+def requeued(job: Claimed, started_at: dt.datetime, *, error_type: str, message: str) -> Ending:
+    """Back to `todo` without using up a retry (shutdown, a claim nobody ran)."""
+    return Ending(job=job, status="requeue", outcome="requeued", started_at=started_at,
+                  error_type=error_type, error_message=message, traceback="")
+
+
+def _error_fields(exc: BaseException) -> tuple[str, str, str]:
+    error_type = "JobAborted" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+    message = str(exc) or (type(exc).__doc__ or "").strip().split("\n")[0]
+    if isinstance(exc, SystemExit):
+        message = f"the task called exit({exc.code!r}); it ended this job, not the worker"
+    tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:]
+    return error_type[:255], message[:MAX_MESSAGE_CHARS], tb
+
+
+def failed(
+    job: Claimed, started_at: dt.datetime, exc: BaseException, *, policy: RetryPolicy | None,
+    procrastinate_task: Any, abort_requested: bool,
+) -> Ending:
+    """The ending of an attempt that raised `exc`: aborted, retried by the policy, or failed."""
+    error_type, message, tb = _error_fields(exc)
+    timed_out = isinstance(exc, TimeLimitExceeded)
+    ending = Ending(job=job, status="failed", outcome="timed_out" if timed_out else "failed",
+                    started_at=started_at, error_type=error_type, error_message=message, traceback=tb)
+    if isinstance(exc, procrastinate_exceptions.JobAborted | asyncio.CancelledError):
+        ending.status = ending.outcome = "aborted"
+    elif not abort_requested:  # an abort-requested job is never retried (procrastinate's rule)
+        retry_at = _retry_at(job, exc, policy=policy, procrastinate_task=procrastinate_task)
+        if retry_at is not None:
+            ending.status, ending.retry_at = "todo", retry_at
+            ending.outcome = "timed_out" if timed_out else "retried"
+    _log(ending, exc)
+    return ending
+
+
+def _retry_at(job: Claimed, exc: BaseException, *, policy: RetryPolicy | None, procrastinate_task: Any) -> dt.datetime | None:
+    attempts_done = job.attempts + 1
+    if policy is not None:
+        if attempts_done >= policy.max_attempts or isinstance(exc, policy.dont_retry_on):
+            return None
+        # SystemExit, KeyboardInterrupt…: a failure of this job like any other Exception.
+        judged = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+        if not policy.should_retry(judged, attempts_done):
+            return None
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=policy.delay(attempts_done))
+    strategy = getattr(procrastinate_task, "retry_strategy", None)
+    if strategy is None:
+        return None
+    judged = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    decision = strategy.get_retry_decision(exception=judged, job=job.as_procrastinate_job())
+    if decision is None:
+        return None
+    return decision.retry_at or dt.datetime.now(dt.UTC)
+
+
+def _log(ending: Ending, exc: BaseException) -> None:
+    job = ending.job
+    what = f"job {job.id} ({job.task_name}) attempt {job.attempts + 1}"
+    if ending.status == "todo":
+        assert ending.retry_at is not None
+        wait = max(0.0, (ending.retry_at - dt.datetime.now(dt.UTC)).total_seconds())
+        logger.warning("%s failed with %s: %s; retrying in %.1f s", what, ending.error_type,
+                       _one_line(ending.error_message), wait)
+    elif ending.status == "aborted":
+        logger.info("%s aborted", what)
+    else:
+        logger.error("%s failed with %s: %s (final)", what, ending.error_type, _one_line(ending.error_message),
+                     exc_info=exc)
+
+
+def _one_line(text: str | None) -> str:
+    line = (text or "").strip().splitlines()
+    return (line[0] if line else "")[:300]
+
+
+def install(procrastinate_app: Any) -> None:
+    """PROCRASTINATE_ON_APP_READY hook, kept for settings that name it: nothing to install.
+
+    Jobs run by `manage.py worker` (jobs/worker.py) record their outcome in the finish statement;
+    procrastinate's own worker (`manage.py procrastinate worker`) runs them without Skiplock's records.
     """
-    interval = float(settings.SKIPLOCK_PROGRESS_INTERVAL)
-    wake = ctx._progress.wake
-    while not stop.is_set():
-        await _first_of(wake.wait(), stop.wait())
-        if stop.is_set():
-            return
-        wake.clear()
-        taken = ctx._progress.take()
-        if taken is None:
-            continue
-        try:
-            await connector.execute_query_async(
-                _WRITE_PROGRESS, job_id=ctx.job_id, progress=taken[0], step=taken[1]
-            )
-        except Exception:  # progress is best effort; the final write carries the last value
-            logger.warning("could not store progress of job %s", ctx.job_id, exc_info=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-
-
-async def _first_of(*aws: Any) -> None:
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiting in tasks:
-            waiting.cancel()
-
-
-async def _stop_flusher(flusher: asyncio.Task[None], stop: asyncio.Event, ctx: JobContext) -> tuple[int, str] | None:
-    """Let the flusher finish its write in flight, then hand back what is still pending."""
-    stop.set()
-    try:
-        await asyncio.shield(flusher)
-    except asyncio.CancelledError:
-        await flusher
-        raise
-    except Exception:
-        logger.warning("progress flusher of job %s failed", ctx.job_id, exc_info=True)
-    return ctx._progress.take()
-
-
-async def _write_failure(connector: Any, job_id: int, exc: BaseException, pending: tuple[int, str] | None) -> None:
-    error_type = type(exc).__name__ if not isinstance(exc, asyncio.CancelledError) else "JobAborted"
-    message = str(exc) or (exc.__doc__ or "").strip().split("\n")[0]
-    params = {
-        "job_id": job_id,
-        "error_type": error_type[:255],
-        "error_message": message[:MAX_MESSAGE_CHARS],
-        "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
-        "progress": pending[0] if pending else None,
-        "step": pending[1] if pending else None,
-    }
-    try:
-        await until_connected(
-            lambda: connector.execute_query_async(_WRITE_FAILURE, **params),
-            what=f"storing the error of job {job_id}", deadline=RECORD_RETRY_SECONDS,
-        )
-    except Exception:
-        logger.exception("could not record the failure of job %s", job_id)
-
-
-async def _shielded(coro: Any) -> None:
-    """Finish a record write even when the job's task is being cancelled (abort, shutdown)."""
-    write = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(write)
-    except asyncio.CancelledError:
-        await write
-        raise
+    return None

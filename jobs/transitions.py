@@ -706,3 +706,229 @@ SELECT job_id FROM job
 
 
 # --- worker hot path: claim, finish, release, progress ---------------------------------------------
+#
+# Every statement below is one autocommitted statement (one round trip, one commit), prepared by
+# the worker's connections. Attempt identity is (job id, worker id, attempts as claimed): the
+# finish, release and progress writes match a row only while it is still that attempt, so an
+# attempt that was written off (stall recovery, shutdown release) changes nothing.
+
+# Claim up to %(n)s jobs for %(worker_id)s: procrastinate's rule (procrastinate_fetch_job_v2) for
+# many slots at once — candidates `todo`, in the queues (any when NULL), due; order priority DESC,
+# id; a job with a `lock` only when it is the head of its lock: no job of that lock is `doing`, and
+# none is `todo`, due and ahead of it. One difference, on purpose (procrastinate#1599, hardening 1):
+# a same-lock job that is not due yet does not block (a retry waiting out its backoff, a job
+# scheduled for year 9999). The rule admits one head per lock per snapshot; two claimers with
+# different snapshots may still pick two heads of one lock, and procrastinate's unique index on
+# (lock) WHERE status = 'doing' refuses the second statement: the worker claims again at once.
+CLAIM = """
+WITH candidate AS MATERIALIZED (
+    SELECT j.id
+    FROM procrastinate_jobs j
+    WHERE j.status = 'todo'
+      AND (%(queues)s::varchar[] IS NULL OR j.queue_name = ANY(%(queues)s::varchar[]))
+      AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+      AND (j.lock IS NULL OR NOT EXISTS (
+          SELECT 1 FROM procrastinate_jobs b
+          WHERE b.lock = j.lock AND b.id <> j.id
+            AND (b.status = 'doing'
+                 OR (b.status = 'todo'
+                     AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
+                     AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))
+      ))
+    ORDER BY j.priority DESC, j.id
+    LIMIT %(n)s
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+),
+claimed AS (
+    UPDATE procrastinate_jobs p
+    SET status = 'doing', worker_id = %(worker_id)s
+    FROM candidate c
+    WHERE p.id = c.id
+    RETURNING p.id, p.task_name, p.queue_name, p.priority, p.lock, p.queueing_lock, p.args, p.attempts,
+              p.abort_requested
+)
+SELECT c.*, (
+    SELECT skiplock_announce(jsonb_agg(jsonb_build_object(
+        'id', x.id, 'event', 'state', 'state', CASE WHEN x.abort_requested THEN 'aborting' ELSE 'doing' END,
+        'progress', COALESCE(r.progress, 0), 'step', left(COALESCE(r.step, ''), 200), 'attempts', x.attempts + 1
+    )))
+    FROM claimed x LEFT JOIN skiplock_job r ON r.job_id = x.id
+) AS announced
+FROM claimed c
+"""
+
+# End many attempts of one worker in one statement. Per row (parallel arrays): the attempt
+# (id, attempts as claimed), the end `status` — succeeded, failed, aborted, `todo` (a retry at
+# retry_at, with optional new priority/queue/lock) or `requeue` (back to todo without using up a
+# retry: shutdown release, a claim nobody ran) — the attempt's `outcome` for its history row, the
+# result or error, the claim time, and the last progress the job reported (NULL: none pending).
+#   ended:   the queue rows, fenced per row on (doing, worker, attempts as claimed); with
+#            finish_job_v1 / retry_job_v2 semantics (attempts + 1, abort_requested cleared, an
+#            abort-requested retry ends failed) and worker_id cleared (procrastinate#1454). A retry
+#            whose queueing lock is held by a waiting job gives its key up (procrastinate#1543).
+#   side:    result, error, finish time, progress on the side row of the jobs `ended` returned
+#            (inserted for a job deferred without one);
+#   attempt: the history row of each ended attempt;
+#   then one call to the counters and one announcement for the batch, and — when a job that
+#   held a `lock` ended while another job of that lock waits — one wake-up on the waiting jobs'
+#   queue channels, so a lock hand-over costs milliseconds, not a poll interval.
+# Returns one row per attempt that was still ours: (id, state, outcome).
+FINISH = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(outcomes)s::text[],
+        %(retry_at)s::timestamptz[], %(priorities)s::int[], %(queues)s::varchar[], %(locks)s::text[],
+        %(results)s::jsonb[], %(error_types)s::text[], %(error_messages)s::text[], %(tracebacks)s::text[],
+        %(started)s::timestamptz[], %(progress)s::int[], %(steps)s::text[]
+    ) AS i(id, attempts, status, outcome, retry_at, priority, queue, lock, result, error_type,
+           error_message, traceback, started_at, progress, step)
+),
+ended AS (
+    UPDATE procrastinate_jobs j
+    SET status = (CASE WHEN i.status = 'requeue' THEN 'todo'
+                       WHEN i.status = 'todo' AND j.abort_requested THEN 'failed'
+                       ELSE i.status END)::procrastinate_job_status,
+        attempts = j.attempts + CASE WHEN i.status = 'requeue' THEN 0 ELSE 1 END,
+        abort_requested = false,
+        worker_id = NULL,
+        scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
+                            ELSE j.scheduled_at END,
+        priority = CASE WHEN i.status = 'todo' THEN COALESCE(i.priority, j.priority) ELSE j.priority END,
+        queue_name = CASE WHEN i.status = 'todo' THEN COALESCE(i.queue, j.queue_name) ELSE j.queue_name END,
+        lock = CASE WHEN i.status = 'todo' THEN COALESCE(i.lock, j.lock) ELSE j.lock END,
+        queueing_lock = CASE
+            WHEN i.status IN ('todo', 'requeue') AND j.queueing_lock IS NOT NULL AND EXISTS (
+                SELECT 1 FROM procrastinate_jobs q
+                WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
+            ) THEN NULL
+            ELSE j.queueing_lock END
+    FROM input i
+    WHERE j.id = i.id AND j.status = 'doing' AND j.worker_id = %(worker_id)s AND j.attempts = i.attempts
+    RETURNING j.id, j.status::text AS state, j.attempts, j.task_name, j.queue_name, j.lock,
+              (i.status = 'todo' AND j.status = 'failed') AS retry_refused
+),
+result AS (
+    SELECT e.*, i.started_at, i.result, i.error_type, i.error_message, i.traceback, i.progress, i.step,
+           i.status AS asked,
+           CASE WHEN e.retry_refused AND i.outcome = 'retried' THEN 'failed' ELSE i.outcome END AS outcome,
+           e.state IN ('succeeded', 'failed', 'aborted') AS final
+    FROM ended e JOIN input i ON i.id = e.id
+),
+side AS (
+    UPDATE skiplock_job r
+    SET started_at = COALESCE(r.started_at, x.started_at),
+        finished_at = CASE WHEN x.final THEN now() END,
+        worker_name = %(worker_name)s,
+        result = CASE WHEN x.state = 'succeeded' THEN x.result ELSE r.result END,
+        progress = CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress) END,
+        step = COALESCE(x.step, r.step),
+        progress_at = CASE WHEN x.state = 'succeeded' OR x.progress IS NOT NULL THEN now() ELSE r.progress_at END,
+        error_type = CASE WHEN x.asked = 'requeue' THEN r.error_type ELSE COALESCE(x.error_type, '') END,
+        error_message = CASE WHEN x.asked = 'requeue' THEN r.error_message ELSE COALESCE(x.error_message, '') END,
+        error_traceback = CASE WHEN x.asked = 'requeue' THEN r.error_traceback ELSE COALESCE(x.traceback, '') END
+    FROM result x
+    WHERE r.job_id = x.id
+),
+side_missing AS (
+    INSERT INTO skiplock_job (job_id, started_at, finished_at, worker_name, result, progress, step,
+                              progress_at, error_type, error_message, error_traceback)
+    SELECT x.id, x.started_at, CASE WHEN x.final THEN now() END, %(worker_name)s,
+           CASE WHEN x.state = 'succeeded' THEN x.result END,
+           CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, 0) END,
+           COALESCE(x.step, ''), now(),
+           COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
+    FROM result x
+    WHERE NOT EXISTS (SELECT 1 FROM skiplock_job r WHERE r.job_id = x.id)
+    ON CONFLICT (job_id) DO NOTHING
+),
+attempt AS (
+    INSERT INTO skiplock_job_attempt (job_id, number, worker_name, started_at, finished_at, outcome,
+                                      error_type, error_message, error_traceback)
+    SELECT x.id, COALESCE((SELECT max(a.number) FROM skiplock_job_attempt a WHERE a.job_id = x.id), 0) + 1,
+           %(worker_name)s, x.started_at, now(), x.outcome,
+           COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
+    FROM result x
+),
+woken AS (
+    SELECT DISTINCT c.channel
+    FROM (SELECT DISTINCT x.lock FROM result x WHERE x.lock IS NOT NULL) AS held
+    JOIN procrastinate_jobs w ON w.lock = held.lock AND w.status = 'todo'
+    CROSS JOIN LATERAL (VALUES ('procrastinate_queue_v1#' || w.queue_name), ('procrastinate_any_queue_v1')) AS c(channel)
+    WHERE w.scheduled_at IS NULL OR w.scheduled_at <= now()
+),
+wake AS (
+    SELECT count(pg_notify(channel, '{"type": "job_inserted", "job_id": 0}')) AS n FROM woken
+),
+stats AS (
+    SELECT skiplock_count_ends(
+        array_agg(x.task_name::text), array_agg(x.queue_name::text), array_agg(x.outcome),
+        array_agg(CASE WHEN x.final THEN x.state END),
+        array_agg(extract(epoch FROM now() - x.started_at)::float8)
+    ) AS counted,
+    skiplock_announce(jsonb_agg(jsonb_build_object(
+        'id', x.id, 'event', 'state', 'state', x.state,
+        'progress', CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress, 0) END,
+        'step', left(COALESCE(x.step, r.step, ''), 200), 'attempts', x.attempts
+    ))) AS announced
+    FROM result x LEFT JOIN skiplock_job r ON r.job_id = x.id
+)
+SELECT x.id, x.state, x.outcome, (SELECT n FROM wake) AS woken, (SELECT counted + announced FROM stats) AS side
+FROM result x
+"""
+
+# The latest progress of a running attempt; nothing when the attempt is no longer this worker's.
+# The side row is created for a job deferred without one (raw procrastinate).
+WRITE_PROGRESS = """
+WITH mine AS (
+    SELECT j.id, j.attempts, j.abort_requested FROM procrastinate_jobs j
+    WHERE j.id = %(job_id)s AND j.status = 'doing' AND j.worker_id = %(worker_id)s AND j.attempts = %(attempts)s
+),
+written AS (
+    INSERT INTO skiplock_job AS r (job_id, progress, step, progress_at)
+    SELECT id, %(progress)s, COALESCE(%(step)s, ''), now() FROM mine
+    ON CONFLICT (job_id) DO UPDATE
+    SET progress = EXCLUDED.progress, step = COALESCE(%(step)s, r.step), progress_at = now()
+    WHERE (r.progress, r.step) IS DISTINCT FROM (EXCLUDED.progress, COALESCE(%(step)s, r.step))
+    RETURNING r.job_id, r.progress, r.step
+)
+SELECT skiplock_announce(jsonb_agg(jsonb_build_object(
+    'id', w.job_id, 'event', 'progress', 'state', CASE WHEN m.abort_requested THEN 'aborting' ELSE 'doing' END,
+    'progress', w.progress, 'step', left(w.step, 200), 'attempts', m.attempts + 1
+))), count(*)
+FROM written w JOIN mine m ON m.id = w.job_id
+"""
+
+# Register a worker (procrastinate's table + Skiplock's description of it).
+REGISTER_WORKER = """
+WITH w AS (INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id)
+INSERT INTO skiplock_worker (worker_id, name, hostname, pid, queues, concurrency, processes,
+                             started_at, last_seen_at)
+SELECT id, %(name)s, %(hostname)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s, %(processes)s, now(), now()
+FROM w RETURNING worker_id
+"""
+
+# One heartbeat: refresh the worker's rows, and say which of its running jobs were asked to abort
+# and which are no longer its attempt (taken back while it looked dead). Registered = false when
+# the worker's row is gone (stall recovery removed it): the worker registers again.
+HEARTBEAT = """
+WITH beat AS (
+    UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id
+),
+seen AS (UPDATE skiplock_worker SET last_seen_at = now() WHERE worker_id IN (SELECT id FROM beat)),
+running AS (SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempts))
+SELECT EXISTS (SELECT 1 FROM beat),
+       COALESCE(array_agg(r.id) FILTER (WHERE j.abort_requested AND j.status = 'doing'
+                                        AND j.worker_id = %(worker_id)s AND j.attempts = r.attempts), '{}'),
+       COALESCE(array_agg(r.id) FILTER (WHERE j.id IS NULL OR j.status <> 'doing'
+                                        OR j.worker_id IS DISTINCT FROM %(worker_id)s
+                                        OR j.attempts <> r.attempts), '{}')
+FROM running r LEFT JOIN procrastinate_jobs j ON j.id = r.id
+"""
+
+# Jobs this worker holds in `doing` (to reconcile a claim whose answer was lost).
+HELD_BY_WORKER = "SELECT id, attempts FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %(worker_id)s"
+
+UNREGISTER_WORKER = """
+WITH gone AS (DELETE FROM procrastinate_workers WHERE id = %(worker_id)s)
+UPDATE skiplock_worker SET stopped_at = now(), last_seen_at = now() WHERE worker_id = %(worker_id)s
+"""

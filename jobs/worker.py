@@ -1,97 +1,75 @@
-"""Running a procrastinate worker with Skiplock's recording and recovery, in this process.
+"""Skiplock's worker: a small asyncio loop on procrastinate's tables and SQL functions.
 
 Used by the `worker` command (one per supervised process), the in-web worker and the testing
-helper alike, so every path runs jobs the same way. `SkiplockWorker` is procrastinate's worker
-with what it lacks for production (procrastinate notes §2, §5, §6):
+helper alike, so every path runs jobs the same way. It uses no private part of procrastinate:
+its SQL is Skiplock's (jobs/transitions.py, "worker hot path"), checked against procrastinate's
+own `procrastinate_fetch_job_v2` by tests/test_worker_claim.py.
 
-- **Database outages** never stop it: registering, fetching, heartbeats, LISTEN, the periodic
-  deferrer and recording an outcome all retry with backoff until PostgreSQL is back (the
-  engine's own worker stops or hangs when a side task hits a dropped connection).
-- **Outcomes are fenced**: a job is finished or retried only while it is still this worker's
-  attempt (`status = 'doing' AND worker_id = us AND attempts = n`), so a job the sweeper took
-  back, or one requeued at shutdown, can never be overwritten by a late result.
-- **Shutdown never loses a job**: after the grace period the jobs still running are requeued
-  (attempt outcome `aborted`, error `WorkerShutdown`) before they are aborted locally.
-- **Lost ownership is noticed**: each heartbeat checks that the running jobs are still ours
-  and aborts locally those that are not; a fetch whose answer was lost in a dropped
-  connection is reconciled (a `doing` job of ours that we do not run is requeued).
-- The worker is registered in `skiplock_worker` (name, host, pid, queues, concurrency) before
-  it fetches, so the attempt trigger can name it; heartbeats keep `last_seen_at` fresh.
+    claim   ── one statement claims up to the number of free slots (procrastinate's order and
+               `lock` rule; a job that is not due never blocks its lock).
+    run     ── async tasks run on this loop, sync tasks in a thread pool of `concurrency` threads.
+    finish  ── endings wait in a buffer and are written by one statement per batch (a flush
+               window of a few ms, at FLUSH_MAX endings, before every claim, and at shutdown),
+               fenced per row on (job, worker, attempts), with the side row, the attempt row, the
+               counters and one announcement.
+    side    ── heartbeat (also polls abort requests and checks that running jobs are still ours,
+               and runs stalled-job recovery), LISTEN for new jobs, released locks and abort
+               requests, the periodic deferrer, and progress writers for jobs that report it.
+
+Outages never stop it: every statement is retried with backoff, and the log gets one line per
+change of the outage (lost, still down each minute, back). A claim whose answer was lost is
+reconciled; a registration removed by stall recovery (the worker looked dead) is replaced by a
+new one, and the old attempts' late writes match nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import functools
+import datetime as dt
 import importlib
+import inspect
 import json
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from django.conf import settings
-from procrastinate import job_context, jobs, utils
-from procrastinate import retry as procrastinate_retry
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import job_context
 from procrastinate.contrib.django import app
 from procrastinate.contrib.django.utils import connector_params
-from procrastinate.psycopg_connector import PsycopgConnector
-from procrastinate.worker import Worker
 
-from jobs import maintenance, timelimits, transitions
-from jobs.reconnect import backoff_delays, is_connection_error, until_connected
+from jobs import maintenance, recording, timelimits, transitions
+from jobs.context import JobContext, _current
+from jobs.exceptions import HardTimeLimitExceeded, SoftTimeLimitExceeded
+from jobs.reconnect import Outage, backoff_delays, is_connection_error
+from jobs.registry import DEFAULT_HARD_TIME_LIMIT, DEFAULT_SOFT_TIME_LIMIT, TaskSpec, find_task
 
 logger = logging.getLogger(__name__)
 
-PERSIST_RETRY_SECONDS = 600.0
-
-_LOCK_OWNED = """
-SELECT id, attempts FROM procrastinate_jobs
-WHERE id = ANY(%(job_ids)s) AND status = 'doing' AND worker_id = %(worker_id)s
-FOR UPDATE
-"""
-
-_REGISTER = """
-WITH w AS (INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id)
-INSERT INTO skiplock_worker (worker_id, name, hostname, pid, queues, concurrency, processes,
-                             started_at, last_seen_at)
-SELECT id, %(name)s, %(hostname)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s, %(processes)s, now(), now()
-FROM w RETURNING worker_id
-"""
-
-_HEARTBEAT = """
-WITH beat AS (UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id),
-seen AS (UPDATE skiplock_worker SET last_seen_at = now() WHERE worker_id IN (SELECT id FROM beat))
-SELECT count(*) FROM beat
-"""
-
-_NOT_OURS = """
-SELECT id FROM procrastinate_jobs
-WHERE id = ANY(%(job_ids)s) AND status IN ('todo', 'doing')
-  AND (status <> 'doing' OR worker_id IS DISTINCT FROM %(worker_id)s)
-"""
-
-_OURS_IN_DB = "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %(worker_id)s"
-
-_UNREGISTER = """
-WITH gone AS (DELETE FROM procrastinate_workers WHERE id = %(worker_id)s)
-UPDATE skiplock_worker SET stopped_at = now(), last_seen_at = now() WHERE worker_id = %(worker_id)s
-"""
+FLUSH_WINDOW = 0.005  # seconds an ending waits for others to share its finish statement
+FLUSH_MAX = 64  # endings per finish statement
 
 
 def worker_pool(*, concurrency: int) -> psycopg_pool.AsyncConnectionPool:
-    """The worker's pool: opened without waiting, so a database that is down delays, never crashes."""
+    """The worker's pool of autocommit connections with prepared statements; opened without waiting."""
+    params = connector_params("default")
+    params.pop("pool", None)
     return psycopg_pool.AsyncConnectionPool(
         conninfo="",
-        kwargs=connector_params("default"),
-        min_size=1,
-        max_size=concurrency + 4,  # jobs' record writes + fetch/finish + heartbeat + abort polls + deferrer
+        kwargs={**params, "autocommit": True, "prepare_threshold": 0},
+        min_size=2,
+        max_size=min(concurrency, 8) + 4,  # claim/finish + heartbeat + progress writers + deferrer
         open=False,
         timeout=5.0,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
@@ -109,464 +87,772 @@ def import_task_modules() -> None:
         importlib.import_module(path)
 
 
-def worker_options(
-    *,
-    queues: list[str] | None,
-    concurrency: int,
-    name: str | None,
-    wait: bool,
-    listen_notify: bool = True,
-    shutdown_grace: float | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    if queues and maintenance.MAINTENANCE_QUEUE not in queues:
-        queues = [*queues, maintenance.MAINTENANCE_QUEUE]  # every worker can run maintenance
-    return {
-        **app.worker_defaults,
-        "queues": queues or None,
-        "concurrency": concurrency,
-        "name": name or default_worker_name(),
-        "wait": wait,
-        "listen_notify": listen_notify,
-        "install_signal_handlers": False,  # SkiplockWorker.install_signal_handlers does it
-        "shutdown_graceful_timeout": settings.SKIPLOCK_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace,
-        "update_heartbeat_interval": settings.SKIPLOCK_HEARTBEAT_INTERVAL,
-        # procrastinate prunes workers silent for this long when a worker starts: never a live one.
-        "stalled_worker_timeout": float(settings.SKIPLOCK_STALLED_AFTER),
-        "fetch_job_polling_interval": settings.SKIPLOCK_FETCH_POLL_INTERVAL,
-        "delete_jobs": "never",
-        **extra,
-    }
+@dataclass
+class Running:
+    """One attempt this worker runs."""
+
+    job: recording.Claimed
+    ctx: JobContext
+    started_at: dt.datetime
+    is_async: bool
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None  # abort | soft | hard | shutdown | taken_back
+    written_off: bool = False  # requeued or taken back: its ending is dropped
+    timer: asyncio.TimerHandle | None = None
+    progress_writer: asyncio.Task[None] | None = None
 
 
-class SkiplockWorker(Worker):
-    """procrastinate's worker, made to survive outages, shutdowns and lost jobs (module docstring)."""
+@dataclass
+class _Wake:
+    """Why the claimer woke up."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    notified: bool = False  # a job was inserted or a lock released
+    slot_freed: bool = False
+
+
+class Worker:
+    """One worker: claims, runs and finishes jobs until stopped (module docstring)."""
 
     def __init__(
         self,
-        *args: Any,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = 1,
+        name: str | None = None,
+        wait: bool = True,
+        listen_notify: bool = True,
+        shutdown_grace: float | None = None,
+        heartbeat_interval: float | None = None,
+        poll_interval: float | None = None,
+        abort_job_polling_interval: float | None = None,
+        stalled_after: float | None = None,
         processes: int = 1,
-        periodic: bool = True,
-        sweep_on_start: bool = True,
+        periodic: bool | None = None,
+        sweep_on_start: bool | None = None,
+        recover_stalled: bool | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
-        **kwargs: Any,
+        flush_window: float = FLUSH_WINDOW,
+        flush_max: int = FLUSH_MAX,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        if queues and maintenance.MAINTENANCE_QUEUE not in queues:
+            queues = [*queues, maintenance.MAINTENANCE_QUEUE]  # every worker can run maintenance
+        self.queues = queues or None
+        self.concurrency = concurrency
+        self.name = name or default_worker_name()
+        self.wait = wait
+        self.listen_notify = listen_notify
+        self.shutdown_grace = float(settings.SKIPLOCK_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace)
+        self.heartbeat_interval = float(
+            settings.SKIPLOCK_HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
+        )
+        self.poll_interval = float(settings.SKIPLOCK_FETCH_POLL_INTERVAL if poll_interval is None else poll_interval)
+        self.abort_poll_interval = min(self.heartbeat_interval, abort_job_polling_interval or self.heartbeat_interval)
+        self.stalled_after = float(settings.SKIPLOCK_STALLED_AFTER if stalled_after is None else stalled_after)
         self.processes = processes
-        self.periodic = periodic
-        self.sweep_on_start = sweep_on_start
+        self.periodic = wait if periodic is None else periodic  # a drain-and-exit worker runs no schedule
+        self.sweep_on_start = wait if sweep_on_start is None else sweep_on_start
+        self.recover_stalled = wait if recover_stalled is None else recover_stalled
         self.on_event = on_event
-        self._fetch_lock = asyncio.Lock()
-        self._abandoned: set[int] = set()
+        self.flush_window = flush_window
+        self.flush_max = flush_max
+
+        self.worker_id: int | None = None
+        self.pool: psycopg_pool.AsyncConnectionPool | None = None
+        self.jobs_left_running = 0  # sync jobs still running in threads after shutdown
+        self._running: dict[int, Running] = {}
+        self._pending: list[recording.Ending] = []
+        self._flush_due = asyncio.Event()
+        self._db_lock = asyncio.Lock()  # one claim/finish round trip at a time
+        self._wake = _Wake()
+        self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._needs_reconcile = False
-        self.jobs_left_running = 0  # sync jobs still running in threads after shutdown
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
+        self._outage = Outage(logger)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writers: set[asyncio.Task[None]] = set()
 
-    @property
-    def pool(self) -> psycopg_pool.AsyncConnectionPool:
-        return self.app.connector.pool  # type: ignore[attr-defined]
-
-    def report(self, event: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-
-    # -- signals -------------------------------------------------------------------------------
-    def install_signal_handlers_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT: stop fetching and drain (grace period); a second one: requeue now."""
-
-        def on_signal(signum: int) -> None:
-            if self._stop_event.is_set():
-                logger.warning("second %s: requeueing the running jobs now", signal.Signals(signum).name)
-                self._force_stop.set()
-            else:
-                logger.info("%s: stopping after the running jobs (grace %.0f s)",
-                            signal.Signals(signum).name, self.shutdown_graceful_timeout or 0)
-            self.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
-
+    # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
-        super().stop()
+        """Stop claiming; running jobs get the grace period, then are requeued."""
+        self._stop.set()
+        self._wake.event.set()
 
     def stop_now(self) -> None:
         """Stop without waiting for the grace period (running jobs are requeued)."""
         self._force_stop.set()
         self.stop()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT: stop claiming and drain (grace period); a second one: requeue now."""
+
+        def on_signal(signum: int) -> None:
+            if self._stop.is_set():
+                logger.warning("second %s: requeueing the running jobs now", signal.Signals(signum).name)
+                self.stop_now()
+            else:
+                logger.info("%s: stopping after the running jobs (grace %.0f s)", signal.Signals(signum).name,
+                            self.shutdown_grace)
+                self.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def report(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
-        self._stop_event.clear()
-        await until_connected(
-            lambda: self.app.job_manager.prune_stalled_workers(self.stalled_worker_timeout),
-            what="pruning dead workers", stop=self._stop_event,
-        )
-        await self._register()
-        if self.sweep_on_start:
-            # Jobs orphaned by a crash come back as soon as any worker starts.
-            await until_connected(self._sweep, what="recovering stalled jobs", stop=self._stop_event)
-        self.run_task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
-        loop_task = asyncio.create_task(self._run_loop(), name="worker loop")
+        self.pool = worker_pool(concurrency=self.concurrency)
+        await self.pool.open(wait=False)
+        side: list[asyncio.Task[Any]] = []
         try:
-            await asyncio.shield(loop_task)
-        except asyncio.CancelledError:
-            self.stop()
-            await loop_task
-            raise
+            await self._register()
+            if self.worker_id is None:
+                return  # stopped before the database came back
+            if self.sweep_on_start:
+                await self._recover_stalled()
+            side = self._start_side_tasks()
+            await self._claim_loop()
         finally:
-            self._loop = None
-
-    async def _sweep(self) -> None:
-        from asgiref.sync import sync_to_async
-
-        await sync_to_async(maintenance.recover_stalled_jobs, thread_sensitive=False)()
-
-    async def _register(self) -> None:
-        async def register() -> int:
-            async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute(_REGISTER, {
-                    "name": self.worker_name, "hostname": socket.gethostname(), "pid": os.getpid(),
-                    "queues": json.dumps(list(self.queues or [])), "concurrency": self.concurrency,
-                    "processes": self.processes,
-                })
-                row = await cursor.fetchone()
-                assert row is not None
-                return int(row[0])
-
-        self.worker_id = await until_connected(register, what="registering the worker", stop=self._stop_event)
-        logger.info("worker %s registered (id %s) on %s, concurrency %s", self.worker_name, self.worker_id,
-                    utils.queues_display(self.queues), self.concurrency)
-        self.report({"event": "worker", "worker_id": self.worker_id})
+            await self._shutdown(side)
+            await self.pool.close(timeout=2.0)
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
-        side_tasks = [
-            asyncio.create_task(self._update_heartbeat(), name="update_heartbeats"),
-            asyncio.create_task(self._poll_jobs_to_abort(), name="poll_jobs_to_abort"),
+        side = [
+            asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
+            asyncio.create_task(self._flush_forever(), name="finisher"),
         ]
+        if self.listen_notify:
+            side.append(asyncio.create_task(self._listen_forever(), name="listener"))
         if self.periodic:
             from jobs import periodic
 
-            side_tasks.append(asyncio.create_task(
-                periodic.run_deferrer(self.app.connector, stop=self._stop_event), name="deferrer"
-            ))
-        if self.listen_notify:
-            side_tasks.append(asyncio.create_task(self._listen_forever(), name="listener"))
-        return side_tasks
+            side.append(asyncio.create_task(periodic.run_deferrer(self, stop=self._stop), name="deferrer"))
+        return side
 
-    # -- fetching ------------------------------------------------------------------------------
-    async def _fetch_and_process_jobs(self) -> None:
-        """procrastinate's fetch loop, with database errors turned into a backoff instead of a crash."""
+    async def _db(self, operation: Callable[[psycopg.AsyncConnection[Any]], Any], *, what: str,
+                  stop: asyncio.Event | None = None) -> Any:
+        """Run `operation` on a pooled connection, retrying while the database is unreachable."""
+        assert self.pool is not None
         delays = backoff_delays()
-        while not self._stop_event.is_set():
-            acquire_sem_task = asyncio.create_task(self._job_semaphore.acquire())
-            job = None
-            failed = False
+        while True:
             try:
-                await utils.wait_any(acquire_sem_task, self._stop_event.wait())
-                if self._stop_event.is_set():
-                    break
-                assert self.worker_id is not None
-                fetching_as = self.worker_id
-                try:
-                    async with self._fetch_lock:
-                        if self._needs_reconcile:
-                            await self._reconcile()
-                        job = await self.app.job_manager.fetch_job(queues=self.queues, worker_id=self.worker_id)
-                except Exception as exc:
-                    failed = True
-                    self._needs_reconcile = True  # the answer may be lost while the claim committed
-                    if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):
-                        if self.worker_id == fetching_as:  # the heartbeat may have re-registered already
-                            logger.error("this worker's registration is gone; registering again")
-                            await self._register()
-                    elif not is_connection_error(exc):
-                        logger.exception("fetching a job failed; retrying")
-                    else:
-                        logger.warning("fetching a job failed, database unreachable (%s); retrying", exc)
-            finally:
-                if (not job or self._stop_event.is_set()) and acquire_sem_task.done():
-                    self._job_semaphore.release()
-                self._new_job_event.clear()
-
-            if failed:
-                await self._sleep_or_stop(next(delays))
+                async with self.pool.connection() as conn:
+                    result = await operation(conn)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._outage.failed(exc, what)
+                if stop is not None and stop.is_set():
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for((stop or asyncio.Event()).wait(), timeout=next(delays))
                 continue
-            delays = backoff_delays()
-            if not job:
-                break
-            self._start_job(job)
+            self._outage.recovered()
+            return result
 
-    def _start_job(self, job: jobs.Job) -> None:
-        job_id = job.id
-        context = job_context.JobContext(
-            app=self.app,
-            worker_name=self.worker_name,
-            worker_queues=self.queues,
-            additional_context=self.additional_context.copy() if self.additional_context else {},
-            job=job,
-            abort_reason=functools.partial(self._abort_reason_of, job_id),
-            start_timestamp=time.time(),
-        )
-        job_task = asyncio.create_task(self._process_job(context), name=f"process job {job.task_name}[{job.id}]")
-        self._running_jobs[job_task] = context
+    async def _register(self) -> None:
+        async def register(conn: psycopg.AsyncConnection[Any]) -> int:
+            cursor = await conn.execute(transitions.REGISTER_WORKER, {
+                "name": self.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+                "queues": json.dumps(list(self.queues or [])), "concurrency": self.concurrency,
+                "processes": self.processes,
+            })
+            row = await cursor.fetchone()
+            assert row is not None
+            return int(row[0])
 
-        def on_job_complete(task: asyncio.Task[Any]) -> None:
-            del self._running_jobs[task]
-            self._job_semaphore.release()
+        try:
+            self.worker_id = await self._db(register, what="registering the worker", stop=self._stop)
+        except Exception:
+            if self._stop.is_set():
+                return
+            raise
+        logger.info("worker %s registered (id %s) on %s, concurrency %s", self.name, self.worker_id,
+                    ", ".join(self.queues) if self.queues else "all queues", self.concurrency)
+        self.report({"event": "worker", "worker_id": self.worker_id})
 
-        job_task.add_done_callback(on_job_complete)
+    # -- claiming ------------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        more = True  # the last claim filled every free slot, or something said work is waiting
+        delays = backoff_delays()
+        while not self._stop.is_set():
+            wake = self._wake
+            free = self.concurrency - len(self._running)
+            if free > 0 and (more or wake.notified):
+                wake.notified = wake.slot_freed = False
+                if self._pending and self._running and self.flush_window > 0:
+                    # Neighbours finishing right now share this round trip.
+                    await asyncio.sleep(self.flush_window)
+                    free = self.concurrency - len(self._running)
+                try:
+                    claimed = await self._finish_and_claim(free)
+                except Exception as exc:
+                    if not is_connection_error(exc):
+                        logger.exception("claiming jobs failed; retrying")
+                    await self._sleep(next(delays))
+                    more = True
+                    continue
+                delays = backoff_delays()
+                for job in claimed:
+                    self._start(job)
+                more = len(claimed) == free
+                if more:
+                    continue
+                if not claimed and not self.wait and not self._running:
+                    return  # drained: nothing runnable, nothing running
+            wake.event.clear()
+            free = self.concurrency - len(self._running)
+            if not (wake.slot_freed or (wake.notified and free > 0) or self._stop.is_set()):
+                try:
+                    await asyncio.wait_for(wake.event.wait(), timeout=self.poll_interval)
+                except TimeoutError:
+                    more = True  # poll: jobs may have become due, or a wake-up was missed
+            if wake.slot_freed:
+                wake.slot_freed = False
+                if not self.wait:
+                    more = True  # a drain-and-exit worker tries again whenever a job ends (lock chains)
 
-    def _abort_reason_of(self, job_id: int | None) -> job_context.AbortReason | None:
-        return self._job_ids_to_abort.get(job_id) if job_id else None
+    async def _finish_and_claim(self, n: int) -> list[recording.Claimed]:
+        async def round_trip(conn: psycopg.AsyncConnection[Any]) -> list[recording.Claimed]:
+            if self._needs_reconcile:
+                await self._reconcile(conn)
+            await self._flush_on(conn)
+            for _ in range(5):
+                try:
+                    cursor = await conn.execute(transitions.CLAIM, {
+                        "queues": self.queues, "n": n, "worker_id": self.worker_id,
+                    })
+                except psycopg.errors.UniqueViolation:
+                    continue  # two claimers saw two heads of one lock: the index refused ours; again
+                except psycopg.errors.ForeignKeyViolation:
+                    await self._register_again("the claim found this worker's registration gone")
+                    return []
+                except Exception as exc:
+                    if is_connection_error(exc):
+                        self._needs_reconcile = True  # the claim may have committed without its answer
+                    raise
+                rows = await cursor.fetchall()
+                claimed = [recording.Claimed(*row[:9]) for row in rows]
+                claimed.sort(key=lambda job: (-job.priority, job.id))
+                return claimed
+            return []
 
-    async def _reconcile(self) -> None:
+        async with self._db_lock:
+            result: list[recording.Claimed] = await self._db(round_trip, what="claiming jobs", stop=self._stop)
+            return result
+
+    async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Requeue `doing` jobs of ours that we do not run (a claim whose answer was lost)."""
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(_OURS_IN_DB, {"worker_id": self.worker_id})
-            in_db = {row[0] for row in await cursor.fetchall()}
-        running = {ctx.job.id for ctx in self._running_jobs.values()}
-        orphans = sorted(in_db - running)
+        cursor = await conn.execute(transitions.HELD_BY_WORKER, {"worker_id": self.worker_id})
+        held = {row[0]: row[1] for row in await cursor.fetchall()}
+        pending = {ending.job.id for ending in self._pending}
+        orphans = sorted(set(held) - set(self._running) - pending)
         if orphans:
-            logger.warning("jobs %s were claimed by this worker in a lost round trip; requeueing them", orphans)
-            await self._requeue(orphans, outcome="lost", error_type="WorkerLost",
-                                message="claimed by a worker whose connection dropped before it saw the job")
+            logger.warning("jobs %s were claimed by this worker in a round trip whose answer was lost; "
+                           "requeueing them", orphans)
+            now = dt.datetime.now(dt.UTC)
+            for job_id in orphans:
+                job = recording.Claimed(job_id, "", "", 0, None, None, {}, held[job_id])
+                self._pending.append(recording.requeued(
+                    job, now, error_type="WorkerLost", message="claimed in a round trip whose answer was lost",
+                ))
         self._needs_reconcile = False
 
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+    async def _register_again(self, why: str) -> None:
+        logger.error("%s (it looked dead to the others); registering again", why)
+        for running in self._running.values():
+            self._write_off(running, "taken_back")
+        if self._pending:  # fenced on the old registration, they would match nothing
+            logger.warning("dropping the outcomes of jobs %s: they were taken back", [e.job.id for e in self._pending])
+            self._pending.clear()
+        self.worker_id = None
+        await self._register()
 
-    # -- recording the outcome -----------------------------------------------------------------
-    async def _persist_job_status(
-        self,
-        job: jobs.Job,
-        status: jobs.Status,
-        retry_decision: procrastinate_retry.RetryDecision | None,
-        context: job_context.JobContext,
-        job_result: job_context.JobResult | None,
-    ) -> None:
-        assert job.id is not None
+    # -- running -------------------------------------------------------------------------------
+    def _start(self, job: recording.Claimed) -> None:
+        spec = find_task(job.task_name)
+        ctx = JobContext(
+            job_id=job.id, attempt=job.attempts + 1, task_name=job.task_name, queue=job.queue,
+            args=job.args,
+            soft_time_limit=spec.soft_time_limit if spec else DEFAULT_SOFT_TIME_LIMIT,
+            hard_time_limit=spec.hard_time_limit if spec else DEFAULT_HARD_TIME_LIMIT,
+            abort_requested=job.abort_requested,
+        )
+        procrastinate_task = app.tasks.get(job.task_name)
+        func = procrastinate_task.func if procrastinate_task is not None else None
+        running = Running(job=job, ctx=ctx, started_at=dt.datetime.now(dt.UTC),
+                          is_async=inspect.iscoroutinefunction(func))
+        ctx._on_progress = self._progress_callback(running)
+        self._running[job.id] = running
+        running.task = asyncio.create_task(self._run(running, spec, procrastinate_task), name=f"job {job.id}")
+        assert self._loop is not None
+        running.timer = self._loop.call_later(ctx.soft_time_limit, self._time_limit, running, "soft")
+        if timelimits.supervised():
+            timelimits.report({"event": "start", "job_id": job.id, "hard_time_limit": ctx.hard_time_limit})
+
+    async def _run(self, running: Running, spec: TaskSpec | None, procrastinate_task: Any) -> None:
+        job = running.job
+        token = _current.set(running.ctx)
+        ending: recording.Ending | None
         try:
-            if job.id in self._abandoned:
-                logger.info("job %s was requeued while it ran; its outcome (%s) is dropped", job.id, status.value)
-                return
-            timed_out = timelimits.pop_timed_out(job.id)
-            # lean-data adapter: the fenced end of the attempt through jobs.transitions (no triggers).
-            end = transitions.AttemptEnd(
-                job_id=job.id, worker_id=self.worker_id, attempts=job.attempts,
-                status="todo" if retry_decision is not None else status.value,
-                outcome="timed_out" if timed_out else ("retried" if retry_decision is not None else status.value),
-                retry_at=(retry_decision.retry_at or utils.utcnow()) if retry_decision is not None else None,
-            )
-
-            async def persist() -> int:
-                async with self.pool.connection() as conn, conn.transaction():
-                    cursor = await conn.execute(transitions.end_attempts_sql(), transitions.end_attempts_params([end]))
-                    row = await cursor.fetchone()
-                    return len(row[0]) if row else 0
-
-            try:
-                # However long the outage: if the sweeper takes the job back meanwhile, the fence drops this.
-                owned = await until_connected(
-                    persist, what=f"recording the outcome of job {job.id}", deadline=PERSIST_RETRY_SECONDS,
-                    stop=self._force_stop,
+            if procrastinate_task is None:
+                raise procrastinate_exceptions.TaskNotFound(
+                    f"task {job.task_name!r} is not registered in this worker; check SKIPLOCK_IMPORT_PATHS"
                 )
-            except Exception:
-                logger.exception("could not record the outcome of job %s; it will be requeued", job.id)
-                self._needs_reconcile = True  # still `doing` under our id: the reconcile requeues it
-                return
-            if not owned:
-                logger.warning(
-                    "job %s is no longer this worker's attempt (taken back meanwhile); its outcome (%s) is dropped",
-                    job.id, status.value,
-                )
+            args = self._arguments(running, procrastinate_task)
+            if running.is_async:
+                value = await procrastinate_task.func(**args)
+            else:
+                assert self._loop is not None
+                value = await self._loop.run_in_executor(self._threads, self._call_sync, running,
+                                                         procrastinate_task.func, args)
+            ending = recording.succeeded(job, running.started_at, recording.encode_result(value))
+        except asyncio.CancelledError as exc:
+            ending = self._cancelled(running, spec, procrastinate_task, exc)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt…: this job's failure, never the worker's
+            ending = recording.failed(job, running.started_at, exc, policy=spec.retry if spec else None,
+                                      procrastinate_task=procrastinate_task,
+                                      abort_requested=running.ctx.abort_requested)
         finally:
-            self._job_ids_to_abort.pop(job.id, None)
-            self._abandoned.discard(job.id)
+            _current.reset(token)
+        self._job_done(running, ending)
 
-    async def _requeue(self, job_ids: list[int], *, outcome: str, error_type: str, message: str) -> list[int]:
-        """Retry now jobs this worker owns, closing their attempt with `outcome`."""
+    def _arguments(self, running: Running, procrastinate_task: Any) -> dict[str, Any]:
+        args = dict(running.job.args)
+        if getattr(procrastinate_task, "pass_context", False):
+            args = {"context": job_context.JobContext(
+                app=app, worker_name=self.name, worker_queues=self.queues, job=running.job.as_procrastinate_job(),
+                abort_reason=lambda: job_context.AbortReason.USER_REQUEST if running.ctx.abort_requested else None,
+                start_timestamp=time.time(),
+            ), **args}
+            return args
+        return args
 
-        async def requeue() -> list[int]:
-            async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute(_LOCK_OWNED, {"job_ids": job_ids, "worker_id": self.worker_id})
-                ends = [
-                    transitions.AttemptEnd(
-                        job_id=job_id, worker_id=self.worker_id, attempts=attempts, status="todo", outcome=outcome,
-                        error_type=error_type, error_message=message, error_traceback="",
-                    )
-                    for job_id, attempts in await cursor.fetchall()
-                ]
-                if not ends:
-                    return []
-                cursor = await conn.execute(transitions.end_attempts_sql(), transitions.end_attempts_params(ends))
-                row = await cursor.fetchone()
-                return [int(job_id) for job_id, _ in (row[0] if row else [])]
+    def _call_sync(self, running: Running, func: Callable[..., Any], args: dict[str, Any]) -> Any:
+        """In a pool thread: run a sync task with its context, Django connections handled as per request."""
+        from django.db import close_old_connections, reset_queries
 
-        return await until_connected(requeue, what=f"requeueing jobs {job_ids}", deadline=10.0)
+        ctx = running.ctx
+        ctx.thread_id = threading.get_ident()
+        token = _current.set(ctx)
+        close_old_connections()
+        try:
+            return func(**args)
+        finally:
+            ctx.thread_id = None
+            timelimits.raise_in_thread(threading.get_ident(), None)  # an interruption that came too late
+            _current.reset(token)
+            close_old_connections()
+            reset_queries()
 
-    # -- heartbeats and ownership --------------------------------------------------------------
-    async def _update_heartbeat(self) -> None:
-        warned = False
+    def _cancelled(self, running: Running, spec: TaskSpec | None, procrastinate_task: Any,
+                   exc: asyncio.CancelledError) -> recording.Ending | None:
+        reason = running.cancel_reason
+        if reason in ("soft", "hard"):
+            kind = SoftTimeLimitExceeded if reason == "soft" else HardTimeLimitExceeded
+            limit = running.ctx.soft_time_limit if reason == "soft" else running.ctx.hard_time_limit
+            error = kind(f"{reason} time limit exceeded ({limit:g} s)")
+            return recording.failed(running.job, running.started_at, error, policy=spec.retry if spec else None,
+                                    procrastinate_task=procrastinate_task, abort_requested=running.ctx.abort_requested)
+        if reason == "abort":
+            return recording.failed(running.job, running.started_at, exc, policy=None, procrastinate_task=None,
+                                    abort_requested=True)
+        if reason is None and not running.written_off:
+            # Cancelled from outside (the loop is going away): requeue, never lose it.
+            self._write_off(running, "shutdown")
+            return recording.requeued(running.job, running.started_at, error_type="WorkerShutdown",
+                                      message="the worker stopped before the job finished; it was requeued")
+        return None
+
+    def _job_done(self, running: Running, ending: recording.Ending | None) -> None:
+        job_id = running.job.id
+        if running.timer is not None:
+            running.timer.cancel()
+        if self._running.get(job_id) is running:
+            del self._running[job_id]
+        if timelimits.supervised():
+            timelimits.report({"event": "end", "job_id": job_id})
+        if ending is not None and running.written_off and ending.status != "requeue":
+            logger.info("job %s was taken back from this worker while it ran; its outcome (%s) is dropped",
+                        job_id, ending.status)
+            ending = None
+        if ending is not None:
+            pending = running.ctx._progress.take()
+            if pending is not None:
+                ending.progress, ending.step = pending
+            self._pending.append(ending)
+            self._flush_due.set()
+        self._wake.slot_freed = True
+        self._wake.event.set()
+
+    def _time_limit(self, running: Running, kind: str) -> None:
+        if running.task is None or running.task.done():
+            return
+        ctx = running.ctx
+        if kind == "soft":
+            ctx.soft_limit_hit = True
+            assert self._loop is not None
+            running.timer = self._loop.call_later(max(0.0, ctx.hard_time_limit - ctx.soft_time_limit),
+                                                  self._time_limit, running, "hard")
+        limit = ctx.soft_time_limit if kind == "soft" else ctx.hard_time_limit
+        logger.warning("job %s (%s) ran past its %s time limit of %g s", running.job.id, running.job.task_name,
+                       kind, limit)
+        if running.is_async:
+            running.cancel_reason = kind
+            running.task.cancel()
+        elif ctx.thread_id is not None:
+            timelimits.raise_in_thread(ctx.thread_id, SoftTimeLimitExceeded if kind == "soft" else HardTimeLimitExceeded)
+
+    def _write_off(self, running: Running, reason: str) -> None:
+        """Stop a running attempt here because it is no longer ours to finish."""
+        running.written_off = True
+        if running.cancel_reason is None:
+            running.cancel_reason = reason
+        self._interrupt(running, reason)
+
+    def _interrupt(self, running: Running, reason: str) -> None:
+        if running.is_async:
+            if running.task is not None and not running.task.done():
+                running.cancel_reason = running.cancel_reason or reason
+                running.task.cancel()
+        elif running.ctx.thread_id is not None:
+            timelimits.raise_in_thread(running.ctx.thread_id, procrastinate_exceptions.JobAborted)
+
+    def _abort_requested(self, job_ids: list[int]) -> None:
+        for job_id in job_ids:
+            running = self._running.get(job_id)
+            if running is None or running.ctx.abort_requested:
+                continue
+            logger.info("job %s: abort requested", job_id)
+            running.ctx.abort_requested = True
+            if running.is_async and running.task is not None and not running.task.done():
+                running.cancel_reason = "abort"
+                running.task.cancel()
+
+    # -- progress ------------------------------------------------------------------------------
+    def _progress_callback(self, running: Running) -> Callable[[], None]:
+        def on_progress() -> None:
+            loop = self._loop
+            if loop is None:
+                return
+            try:
+                same_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                same_loop = False
+            if same_loop:
+                self._ensure_progress_writer(running)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._ensure_progress_writer, running)
+
+        return on_progress
+
+    def _ensure_progress_writer(self, running: Running) -> None:
+        if running.progress_writer is None and running.task is not None and not running.task.done():
+            running.progress_writer = asyncio.create_task(self._write_progress(running), name=f"progress {running.job.id}")
+            self._writers.add(running.progress_writer)
+
+    async def _write_progress(self, running: Running) -> None:
+        """Write the newest reported progress, at most once per SKIPLOCK_PROGRESS_INTERVAL, fenced."""
+        interval = float(settings.SKIPLOCK_PROGRESS_INTERVAL)
+        assert self.pool is not None
+        try:
+            while running.task is not None and not running.task.done():
+                taken = running.ctx._progress.take()
+                if taken is None:
+                    return
+                params = {"job_id": running.job.id, "worker_id": self.worker_id, "attempts": running.job.attempts,
+                          "progress": taken[0], "step": taken[1]}
+                try:
+                    async with self.pool.connection() as conn:
+                        await conn.execute(transitions.WRITE_PROGRESS, params)
+                except Exception as exc:  # best effort: the finish statement carries the last value
+                    if is_connection_error(exc):
+                        self._outage.failed(exc, "writing progress")
+                    else:
+                        logger.warning("could not store progress of job %s", running.job.id, exc_info=True)
+                await asyncio.sleep(interval)
+        finally:
+            running.progress_writer = None
+            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    # -- finishing -----------------------------------------------------------------------------
+    async def _flush_forever(self) -> None:
+        delays = backoff_delays()
         while True:
-            await asyncio.sleep(self.update_heartbeat_interval)
+            await self._flush_due.wait()
+            if len(self._pending) < self.flush_max and self.flush_window > 0:
+                await asyncio.sleep(self.flush_window)
+            self._flush_due.clear()
+            if not self._pending:
+                continue
+            try:
+                await self.flush()
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    logger.exception("recording finished jobs failed; retrying")
+                await asyncio.sleep(next(delays))
+                self._flush_due.set()
+                continue
+            delays = backoff_delays()
+            if self._pending:
+                self._flush_due.set()
+
+    async def flush(self) -> None:
+        """Write every pending ending now (one statement per FLUSH_MAX endings)."""
+        async with self._db_lock:
+            await self._db(self._flush_on, what="recording finished jobs")
+
+    async def _flush_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while self._pending:
+            batch = self._pending[: self.flush_max]
+            try:
+                rows = await self._finish(conn, batch)
+            except psycopg.errors.UniqueViolation:
+                if len(batch) == 1:
+                    raise
+                rows = []  # two retries of one queueing lock in one batch: one statement each
+                for ending in batch:
+                    rows += await self._finish(conn, [ending])
+            del self._pending[: len(batch)]
+            ours = {row[0] for row in rows}
+            for ending in batch:
+                if ending.job.id not in ours:
+                    logger.warning("job %s is no longer this worker's attempt (taken back meanwhile); "
+                                   "its outcome (%s) is dropped", ending.job.id, ending.status)
+
+    async def _finish(self, conn: psycopg.AsyncConnection[Any], batch: list[recording.Ending]) -> list[Any]:
+        cursor = await conn.execute(transitions.FINISH, finish_params(batch, worker_id=self.worker_id,
+                                                                      worker_name=self.name))
+        return await cursor.fetchall()
+
+    # -- heartbeat, aborts, ownership, stall recovery ------------------------------------------
+    async def _heartbeat_forever(self) -> None:
+        last_beat = last_recovery = time.monotonic()
+        while True:
+            await asyncio.sleep(self.abort_poll_interval)
+            now = time.monotonic()
+            if not self._running and now - last_beat < self.heartbeat_interval:
+                continue
             try:
                 await self._beat()
+                last_beat = now
             except Exception as exc:
                 if is_connection_error(exc):
-                    if not warned:
-                        logger.warning("heartbeat failed, database unreachable (%s); retrying", exc)
-                    warned = True
+                    self._outage.failed(exc, "heartbeat")
                 else:
                     logger.exception("heartbeat failed")
-            else:
-                warned = False
+                continue
+            self._outage.recovered()
+            if self.recover_stalled and now - last_recovery >= self.heartbeat_interval:
+                last_recovery = now
+                await self._recover_stalled()
 
     async def _beat(self) -> None:
+        assert self.pool is not None
         beating_as = self.worker_id
+        running = list(self._running.values())
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(_HEARTBEAT, {"worker_id": self.worker_id})
+            cursor = await conn.execute(transitions.HEARTBEAT, {
+                "worker_id": beating_as, "ids": [r.job.id for r in running],
+                "attempts": [r.job.attempts for r in running],
+            })
             row = await cursor.fetchone()
-            alive = bool(row and row[0])
-            running = {ctx.job.id: (task, ctx) for task, ctx in self._running_jobs.items() if ctx.job.id}
-            lost: list[int] = []
-            if running:
-                cursor = await conn.execute(_NOT_OURS, {"job_ids": list(running), "worker_id": self.worker_id})
-                lost = [r[0] for r in await cursor.fetchall()]
-        for job_id in lost:
-            if job_id in self._abandoned:
-                continue
-            logger.error("job %s was taken back from this worker (it looked dead); aborting its run here", job_id)
-            self._abandoned.add(job_id)
-            task, ctx = running[job_id]
-            self._abort_job(task, ctx, job_context.AbortReason.SHUTDOWN)
-            timelimits.interrupt_sync_job(job_id)
+        assert row is not None
+        alive, to_abort, not_ours = row
+        if to_abort:
+            self._abort_requested(list(to_abort))
+        for job_id in not_ours:
+            job = self._running.get(job_id)
+            if job is not None and not job.written_off:
+                logger.error("job %s was taken back from this worker (it looked dead); stopping its run here", job_id)
+                self._write_off(job, "taken_back")
         if not alive and self.worker_id == beating_as:
-            logger.error("this worker's registration was removed (it looked dead); registering again")
-            await self._register()
-            self._needs_reconcile = True
+            async with self._db_lock:
+                await self._register_again("this worker's registration was removed")
 
+    async def _recover_stalled(self) -> None:
+        """Take back the jobs of dead workers (from this loop: bounded whatever the slots' load)."""
+        from asgiref.sync import sync_to_async
+
+        try:
+            await sync_to_async(_recover_stalled_jobs, thread_sensitive=False)(self.stalled_after)
+        except Exception as exc:
+            if is_connection_error(exc):
+                self._outage.failed(exc, "recovering stalled jobs")
+            else:
+                logger.exception("recovering stalled jobs failed")
+
+    # -- LISTEN --------------------------------------------------------------------------------
     async def _listen_forever(self) -> None:
-        """LISTEN for new jobs and abort requests, reconnecting with backoff (procrastinate's stops)."""
+        """LISTEN for new jobs, released locks and abort requests; reconnect with backoff."""
         channels = (
             ["procrastinate_any_queue_v1"] if not self.queues
             else [f"procrastinate_queue_v1#{queue}" for queue in self.queues]
         )
+        params = connector_params("default")
+        params.pop("pool", None)
         delays = backoff_delays(cap=5.0)
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(**connector_params("default"), autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
                 async with conn:
                     for channel in channels:
                         await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
                     delays = backoff_delays(cap=5.0)
-                    self._new_job_event.set()  # jobs may have arrived while we were not listening
+                    self._outage.recovered()
+                    self._notify()  # jobs may have arrived while nobody listened
                     while True:
-                        gen = conn.notifies(timeout=30.0)
-                        async for notification in gen:
-                            with contextlib.suppress(ValueError, KeyError):
-                                await self._handle_notification(
-                                    channel=notification.channel, notification=json.loads(notification.payload)
-                                )
+                        async for notification in conn.notifies(timeout=30.0):
+                            self._on_notification(notification.payload)
                         await conn.execute("SELECT 1")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if is_connection_error(exc):
-                    logger.warning("LISTEN connection lost (%s); reconnecting", exc)
+                    self._outage.failed(exc, "listening for new jobs")
                 else:
                     logger.exception("LISTEN failed; reconnecting")
                 await asyncio.sleep(next(delays))
 
+    def _on_notification(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if kind == "job_inserted":
+            self._notify()
+        elif kind == "abort_job_requested":
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self._abort_requested([int(message["job_id"])])
+
+    def _notify(self) -> None:
+        self._wake.notified = True
+        self._wake.event.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
     # -- shutdown ------------------------------------------------------------------------------
-    async def _shutdown(self, side_tasks: list[asyncio.Task[Any]]) -> None:
-        await utils.cancel_and_capture_errors(side_tasks)
-        if self._running_jobs and not self._force_stop.is_set():
-            logger.info("waiting up to %.0f s for %d running job(s)", self.shutdown_graceful_timeout or 0,
-                        len(self._running_jobs))
-            await utils.wait_any(
-                asyncio.wait(list(self._running_jobs), timeout=self.shutdown_graceful_timeout),
-                self._force_stop.wait(),
-            )
-        if self._running_jobs:
-            leftover = list(self._running_jobs.items())
-            job_ids = [ctx.job.id for _, ctx in leftover if ctx.job.id]
-            logger.warning("grace period over: requeueing %d running job(s) %s", len(job_ids), job_ids)
-            try:
-                requeued = await self._requeue(
-                    job_ids, outcome="aborted", error_type="WorkerShutdown",
-                    message="the worker shut down before the job finished; it was requeued",
-                )
-                self._abandoned.update(requeued)
-            except Exception:
-                logger.exception("could not requeue %s; the stalled-job sweeper will take them back", job_ids)
-            for task, ctx in leftover:
-                self._abort_job(task, ctx, job_context.AbortReason.SHUTDOWN)
-                if ctx.job.id:
-                    timelimits.interrupt_sync_job(ctx.job.id)
-            if self._running_jobs:
-                await asyncio.wait(list(self._running_jobs), timeout=3.0)
-            self.jobs_left_running = len(self._running_jobs)
+    async def _shutdown(self, side: list[asyncio.Task[Any]]) -> None:
+        if self._running and not self._force_stop.is_set():
+            logger.info("waiting up to %.0f s for %d running job(s)", self.shutdown_grace, len(self._running))
+            tasks = [r.task for r in self._running.values() if r.task is not None]
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            forced = asyncio.ensure_future(self._force_stop.wait())
+            await asyncio.wait([all_done, forced], timeout=self.shutdown_grace, return_when=asyncio.FIRST_COMPLETED)
+            all_done.cancel()
+            forced.cancel()
+        if self._running:
+            leftover = list(self._running.values())
+            logger.warning("grace period over: requeueing %d running job(s) %s", len(leftover),
+                           [r.job.id for r in leftover])
+            for running in leftover:
+                self._write_off(running, "shutdown")
+                self._pending.append(recording.requeued(
+                    running.job, running.started_at, error_type="WorkerShutdown",
+                    message="the worker shut down before the job finished; it was requeued without using up a retry",
+                ))
+            tasks = [r.task for r in leftover if r.task is not None and not r.task.done()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=3.0)
+            self.jobs_left_running = sum(1 for r in leftover if r.task is not None and not r.task.done())
+        for task in [*side, *self._writers]:
+            task.cancel()
+        for task in [*side, *self._writers]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.worker_id is not None:
+            try:
+                if self._pending:
+                    await asyncio.wait_for(self.flush(), timeout=10.0)
+            except Exception:
+                logger.warning("could not record %d finished job(s) before stopping; stall recovery will "
+                               "take them back", len(self._pending))
             worker_id = self.worker_id
 
-            async def unregister() -> None:
-                async with self.pool.connection() as conn:
-                    await conn.execute(_UNREGISTER, {"worker_id": worker_id})
+            async def unregister(conn: psycopg.AsyncConnection[Any]) -> None:
+                await conn.execute(transitions.UNREGISTER_WORKER, {"worker_id": worker_id})
 
             try:
-                await until_connected(unregister, what="unregistering the worker", deadline=5.0)
+                await asyncio.wait_for(self._db(unregister, what="unregistering the worker"), timeout=5.0)
             except Exception:
                 logger.warning("could not unregister worker %s (database unreachable)", worker_id)
         self.worker_id = None
-        logger.info("worker %s stopped", self.worker_name)
+        logger.info("worker %s stopped", self.name)
+
+
+def finish_params(batch: list[recording.Ending], *, worker_id: int | None, worker_name: str) -> dict[str, Any]:
+    """The finish statement's parallel arrays for a batch of endings."""
+    return {
+        "worker_id": worker_id,
+        "worker_name": worker_name,
+        "ids": [e.job.id for e in batch],
+        "attempts": [e.job.attempts for e in batch],
+        "statuses": [e.status for e in batch],
+        "outcomes": [e.outcome for e in batch],
+        "retry_at": [e.retry_at for e in batch],
+        "priorities": [None for _ in batch],
+        "queues": [None for _ in batch],
+        "locks": [None for _ in batch],
+        "results": [e.result for e in batch],
+        "error_types": [e.error_type for e in batch],
+        "error_messages": [e.error_message for e in batch],
+        "tracebacks": [e.traceback for e in batch],
+        "started": [e.started_at for e in batch],
+        "progress": [e.progress for e in batch],
+        "steps": [e.step for e in batch],
+    }
+
+
+def _recover_stalled_jobs(stalled_after: float) -> None:
+    from django.db import connections
+
+    try:
+        recovery = transitions.recover_stalled(stalled_after=stalled_after)
+        if recovery.retried or recovery.failed:
+            logger.warning("jobs of dead workers taken back: %d requeued %s, %d failed %s", len(recovery.retried),
+                           recovery.retried[:20], len(recovery.failed), recovery.failed[:20])
+    finally:
+        connections.close_all()
 
 
 async def run_worker(
     *,
     install_signal_handlers: bool = True,
-    processes: int = 1,
-    periodic: bool | None = None,
-    sweep_on_start: bool | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-    on_started: Callable[[SkiplockWorker], None] | None = None,
+    on_started: Callable[[Worker], None] | None = None,
     **options: Any,
-) -> SkiplockWorker:
-    """Run a worker until it is stopped (or, with wait=False, until the queues are empty)."""
+) -> Worker:
+    """Run a worker until it is stopped (or, with wait=False, until nothing is runnable)."""
     import_task_modules()
     app.perform_import_paths()
-    opts = worker_options(**options)
-    if periodic is None:  # a worker that drains the queue and exits (tests) runs no schedule
-        periodic = bool(opts["wait"])
-    if sweep_on_start is None:
-        sweep_on_start = bool(opts["wait"])
-    pool = worker_pool(concurrency=opts["concurrency"])
-    await pool.open(wait=False)
-    connector = PsycopgConnector(kwargs=connector_params("default"))
-    await connector.open_async(pool=pool)
+    worker = Worker(**options)
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        worker.install_signal_handlers(loop)
+    if on_started is not None:
+        on_started(worker)
+    run = asyncio.ensure_future(worker.run())
     try:
-        with app.replace_connector(connector) as real_app:
-            worker = SkiplockWorker(
-                app=real_app,
-                processes=processes, periodic=periodic, sweep_on_start=sweep_on_start, on_event=on_event, **opts,
-            )
-            if install_signal_handlers:
-                worker.install_signal_handlers_on(asyncio.get_running_loop())
-            if on_started is not None:
-                on_started(worker)
-            try:
-                await worker.run()
-            except Exception:
-                if not worker._stop_event.is_set():
-                    raise
-                logger.warning("stopped while waiting for the database")
-            finally:
-                if install_signal_handlers:
-                    loop = asyncio.get_running_loop()
-                    for sig in (signal.SIGTERM, signal.SIGINT):
-                        loop.remove_signal_handler(sig)
+        await asyncio.shield(run)
+    except asyncio.CancelledError:
+        worker.stop()
+        await run
+        raise
     finally:
-        await connector.close_async()
-        await pool.close(timeout=2.0)
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     return worker
