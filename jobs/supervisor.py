@@ -8,11 +8,12 @@ starts and ends. The supervisor:
 - forwards SIGTERM/SIGINT to every child (a second signal is forwarded too: children then
   requeue their running jobs at once) and exits 0 once all children stopped cleanly;
 - restarts a child that dies, with a growing delay if it keeps dying young (no crash loop),
-  and takes back at once the jobs the dead child was running (attempt outcome `lost`) instead
-  of waiting for the stalled-job timeout;
-- kills a child running a job past its hard time limit (a CPU loop never yields), records
-  that job failed with "hard time limit exceeded" and retries it by its policy, requeues the
-  other jobs of that child, and starts a fresh child.
+  and takes back at once the jobs the dead child was running (attempt outcome `lost`, no retry
+  used up) instead of waiting for the stalled-job timeout;
+- kills a child running a job that ignored its hard time limit (a loop inside C code never sees
+  the exception the worker raises in its thread), records that job `timed_out` and retries it by
+  its policy, puts the other jobs of that child back in the queue without charging them an
+  attempt (outcome `requeued`), and starts a fresh child (see jobs/timelimits.py).
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from typing import Any
 
 from django.db import close_old_connections, connection, connections, transaction
 
-from jobs import maintenance
+from jobs import maintenance, timelimits
 
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-HARD_LIMIT_MARGIN = 0.5  # seconds past the limit before the kill (reports travel through a pipe)
 
 
 def _die_with_parent() -> None:
@@ -130,7 +130,8 @@ class Supervisor:
     stopping: int = 0
     failures: dict[int, int] = field(default_factory=dict)
     restart_at: dict[int, float] = field(default_factory=dict)
-    pending_recoveries: list[tuple[list[int], int | None, float]] = field(default_factory=list)
+    # (worker ids of a dead child, the job whose hard limit got it killed, not before, why it died)
+    pending_recoveries: list[tuple[list[int], int | None, float, str]] = field(default_factory=list)
     restarts: int = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -155,9 +156,9 @@ class Supervisor:
             self._recover_pending()
             if not self.stopping:
                 self._restart_due()
-        for worker_ids, timed_out_job, _ in self.pending_recoveries:
+        for worker_ids, timed_out_job, _, why in self.pending_recoveries:
             try:
-                self._recover(worker_ids, timed_out_job)
+                self._recover(worker_ids, timed_out_job, why)
             except Exception:
                 logger.warning("could not take back the jobs of workers %s; the stalled-job sweeper will", worker_ids)
         close_old_connections()
@@ -240,7 +241,7 @@ class Supervisor:
             if kind == "worker":
                 child.worker_ids.append(int(event["worker_id"]))
             elif kind == "start":
-                child.jobs[int(event["job_id"])] = now + float(event["hard_time_limit"]) + HARD_LIMIT_MARGIN
+                child.jobs[int(event["job_id"])] = now + float(event["hard_time_limit"]) + timelimits.HARD_LIMIT_GRACE
             elif kind == "end":
                 child.jobs.pop(int(event["job_id"]), None)
 
@@ -262,7 +263,8 @@ class Supervisor:
                 logger.error("worker process %s (pid %s) died (%s) running %d job(s)",
                              self.child_name(index), child.process.pid, how, len(child.jobs))
                 if child.worker_ids:
-                    self.pending_recoveries.append((child.worker_ids, None, 0.0))
+                    why = f"worker process {self.child_name(index)} (pid {child.process.pid}) died ({how})"
+                    self.pending_recoveries.append((child.worker_ids, None, 0.0, why))
                 if code != 0 and self.stopping:
                     clean = False  # a child that did not stop cleanly when asked to
             if not self.stopping:
@@ -300,25 +302,28 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 child.process.kill()
             child.process.wait()
-            self.pending_recoveries.append((child.worker_ids, job_id, 0.0))
+            why = (f"worker process {self.child_name(child.index)} (pid {child.process.pid}) was killed because "
+                   f"job {job_id} ignored its hard time limit")
+            self.pending_recoveries.append((child.worker_ids, job_id, 0.0, why))
 
     def _recover_pending(self) -> None:
         now = time.monotonic()
-        still: list[tuple[list[int], int | None, float]] = []
-        for worker_ids, timed_out_job, not_before in self.pending_recoveries:
+        still: list[tuple[list[int], int | None, float, str]] = []
+        for worker_ids, timed_out_job, not_before, why in self.pending_recoveries:
             if not_before > now:
-                still.append((worker_ids, timed_out_job, not_before))
+                still.append((worker_ids, timed_out_job, not_before, why))
                 continue
             try:
-                self._recover(worker_ids, timed_out_job)
+                self._recover(worker_ids, timed_out_job, why)
             except Exception as exc:
                 logger.warning("could not take back the jobs of workers %s yet (%s); retrying", worker_ids, exc)
                 with contextlib.suppress(Exception):
                     connection.close()
-                still.append((worker_ids, timed_out_job, now + 2.0))
+                still.append((worker_ids, timed_out_job, now + 2.0, why))
         self.pending_recoveries = still
 
-    def _recover(self, worker_ids: list[int], timed_out_job: int | None) -> None:
+    def _recover(self, worker_ids: list[int], timed_out_job: int | None, why: str) -> None:
+        """Take back the jobs of a dead child: the over-limit one ends `timed_out`, the rest wait again."""
         if timed_out_job is not None:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(
@@ -335,12 +340,14 @@ class Supervisor:
                         message=f"hard time limit exceeded ({spec_limit:g} s): the worker process running it was killed",
                     )
                     logger.error("job %s: hard time limit exceeded, %s", timed_out_job, verdict)
-        reason = (
-            f"the worker process was killed because job {timed_out_job} exceeded its hard time limit; requeued"
-            if timed_out_job is not None else None
-        )
-        maintenance.recover_stalled_jobs(worker_ids=worker_ids, reason=reason, outcome="lost",
-                                         force_retry=timed_out_job is not None)
+            # The neighbours did nothing wrong: back in the queue, no attempt charged.
+            maintenance.recover_stalled_jobs(
+                worker_ids=worker_ids, outcome="requeued",
+                reason=f"{why}; this job was put back in the queue without using up a retry",
+            )
+            return
+        maintenance.recover_stalled_jobs(worker_ids=worker_ids, outcome="lost",
+                                         reason=f"{why} while running this job; the job was taken back")
 
 
 def _hard_limit(task_name: str) -> float:

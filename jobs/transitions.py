@@ -592,7 +592,7 @@ def recover_stalled(
     """
     dead = list(worker_ids or [])
     by_heartbeat = worker_ids is None
-    after = stalled_after if by_heartbeat else 1.0e12
+    after = stalled_after if by_heartbeat else 1.0e9  # ~31 years: make_interval overflows past ~3e11
     retried: list[int] = []
     failed: list[int] = []
     pruned = 0
