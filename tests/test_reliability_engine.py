@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 import time
 from typing import Any
 
+import psycopg_pool
 import pytest
 from asgiref.sync import async_to_sync
 from django.db import connection
@@ -18,8 +20,9 @@ from procrastinate.manager import JobManager
 from procrastinate.psycopg_connector import PsycopgConnector
 from procrastinate.worker import Worker
 
-from jobs import maintenance, periodic, services
-from jobs.worker import SkiplockWorker, worker_options, worker_pool
+from jobs import maintenance, periodic, recording, services, transitions
+from jobs.worker import Worker as SkiplockWorker
+from jobs.worker import finish_params, worker_pool
 from tests.worker_fixtures import QUEUE, query, scalar, wait_for, worker_tables  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -69,8 +72,17 @@ def test_procrastinate_only_detects_stalled_jobs_skiplock_takes_them_back(worker
     assert report.workers_pruned == 1
 
 
-def test_a_stalled_job_out_of_attempts_is_failed_not_retried_forever(worker_tables: None) -> None:
+def test_a_lost_job_uses_no_retry_but_one_lost_again_and_again_is_failed_not_retried_forever(
+    worker_tables: None,
+) -> None:
+    from jobs.transitions import MAX_LOST_ATTEMPTS
+
     job_id = defer("soft_limited")  # max_retries=0: one attempt only
+    for _ in range(MAX_LOST_ATTEMPTS - 1):
+        claim(job_id, heartbeat_age=3600)
+        assert maintenance.recover_stalled_jobs(stalled_after=60).retried == [job_id]
+        assert state(job_id) == "todo"  # a lost worker cost the job no retry (hardening 15)
+    assert scalar("SELECT attempts FROM procrastinate_jobs WHERE id = %s", [job_id]) == 0
     claim(job_id, heartbeat_age=3600)
     report = maintenance.recover_stalled_jobs(stalled_after=60)
     assert report.failed == [job_id]
@@ -80,30 +92,33 @@ def test_a_stalled_job_out_of_attempts_is_failed_not_retried_forever(worker_tabl
 def test_finished_jobs_keep_no_worker_link_so_removing_a_worker_touches_only_its_running_jobs(
     worker_tables: None,
 ) -> None:
-    def run_fifty() -> tuple[int, int]:
+    def run_fifty(finish: Any) -> int:
         ids = [defer("record_run") for _ in range(50)]
         worker_id = scalar("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
         for _ in ids:
             scalar("SELECT id FROM procrastinate_fetch_job_v2(ARRAY[%s]::varchar[], %s)", [QUEUE, worker_id])
-        for job_id in ids[:-1]:
-            scalar("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", [job_id])
+        finish(ids[:-1], int(worker_id))
         linked = scalar("SELECT count(*) FROM procrastinate_jobs WHERE worker_id = %s", [worker_id])
         scalar("DELETE FROM procrastinate_workers WHERE id = %s RETURNING id", [worker_id])
-        return int(worker_id), int(linked)
+        return int(linked)
+
+    def engine_finish(ids: list[int], worker_id: int) -> None:
+        for job_id in ids:
+            scalar("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", [job_id])
+
+    def skiplock_finish(ids: list[int], worker_id: int) -> None:
+        now = dt.datetime.now(dt.UTC)
+        endings = [recording.succeeded(recording.Claimed(job_id, "record_run", QUEUE, 0, None, None, {}, 0), now, "1")
+                   for job_id in ids]
+        with connection.cursor() as cursor:
+            cursor.execute(transitions.FINISH, finish_params(endings, worker_id=worker_id, worker_name="w"))
+            assert len(cursor.fetchall()) == 49
 
     # The engine (#1454): every job a worker ever ran still points at it, so deleting the worker
     # row (stop, or pruning at another worker's start) rewrites all of them.
-    with connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE procrastinate_jobs DISABLE TRIGGER skiplock_unlink_worker")
-        try:
-            _, linked = run_fifty()
-        finally:
-            cursor.execute("ALTER TABLE procrastinate_jobs ENABLE TRIGGER skiplock_unlink_worker")
-    assert linked == 50
-
-    # Skiplock (migration 0003): a job is unlinked in the write that ends its attempt.
-    _, linked = run_fifty()
-    assert linked == 1  # only the job still running
+    assert run_fifty(engine_finish) == 50
+    # Skiplock: a job is unlinked in the statement that ends its attempt.
+    assert run_fifty(skiplock_finish) == 1  # only the job still running
 
 
 def _async_connector() -> Any:
@@ -157,23 +172,19 @@ def _run_in_thread(make_worker: Any) -> tuple[threading.Thread, dict[str, Any]]:
     ready = threading.Event()
 
     async def main() -> None:
-        pool = worker_pool(concurrency=2)
-        await pool.open(wait=True)
-        connector = PsycopgConnector(kwargs=connector_params("default"))
-        await connector.open_async(pool=pool)
         try:
-            with app.replace_connector(connector) as real_app:
-                worker = make_worker(real_app)
-                handle["worker"] = worker
-                handle["loop"] = asyncio.get_running_loop()
-                ready.set()
-                try:
-                    await worker.run()
-                except Exception as exc:
-                    handle["error"] = exc
+            worker = await make_worker(handle)
+            handle["worker"] = worker
+            handle["loop"] = asyncio.get_running_loop()
+            ready.set()
+            try:
+                await worker.run()
+            except Exception as exc:
+                handle["error"] = exc
         finally:
             ready.set()
-            await pool.close(timeout=1)
+            if "cleanup" in handle:
+                await handle["cleanup"]()
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
@@ -181,10 +192,28 @@ def _run_in_thread(make_worker: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, handle
 
 
-def _options(name: str) -> dict[str, Any]:
-    options = worker_options(queues=[QUEUE], concurrency=2, name=name, wait=True,
-                             update_heartbeat_interval=0.5, fetch_job_polling_interval=0.5)
-    return options
+async def _engine_worker(handle: dict[str, Any]) -> Worker:
+    """procrastinate's own worker, with the settings Skiplock's worker uses."""
+    pool = psycopg_pool.AsyncConnectionPool(conninfo="", kwargs=connector_params("default"), min_size=1,
+                                            max_size=4, open=False, timeout=5.0)
+    await pool.open(wait=True)
+    connector = PsycopgConnector(kwargs=connector_params("default"))
+    await connector.open_async(pool=pool)
+    replaced = app.replace_connector(connector)
+    real_app = replaced.__enter__()
+
+    async def cleanup() -> None:
+        replaced.__exit__(None, None, None)
+        await pool.close(timeout=1)
+
+    handle["cleanup"] = cleanup
+    return Worker(app=real_app, queues=[QUEUE], concurrency=2, name="bare", wait=True,
+                  update_heartbeat_interval=0.5, fetch_job_polling_interval=0.5, install_signal_handlers=False)
+
+
+async def _skiplock_worker(handle: dict[str, Any]) -> SkiplockWorker:
+    return SkiplockWorker(queues=[QUEUE], concurrency=2, name="skiplock", periodic=False,
+                          heartbeat_interval=0.5, poll_interval=0.5)
 
 
 def _restart(cluster: Any, *, down_for: float) -> None:
@@ -205,19 +234,17 @@ def test_a_postgresql_restart_stops_procrastinates_worker_skiplocks_keeps_workin
 
     # The engine: any side task (heartbeat, LISTEN) that meets the outage — here, down longer than
     # the pool's 5 s wait for a connection — stops the worker for good: 0 % recovery.
-    thread, handle = _run_in_thread(lambda real_app: Worker(app=real_app, **_options("bare")))
-    first = defer("record_run")
+    thread, handle = _run_in_thread(_engine_worker)
+    first = defer("plain")
     wait_for(lambda: state(first) == "succeeded", timeout=30, what="the bare worker to run a job")
     _restart(embedded_postgres, down_for=7)
-    after = defer("record_run")
+    after = defer("plain")
     thread.join(timeout=15)
     assert not thread.is_alive()  # the worker is gone...
     assert state(after) == "todo"  # ...and nothing runs the jobs deferred after the restart
 
     # Skiplock: the same outage only delays it.
-    thread, handle = _run_in_thread(
-        lambda real_app: SkiplockWorker(app=real_app, periodic=False, **_options("skiplock"))
-    )
+    thread, handle = _run_in_thread(_skiplock_worker)
     wait_for(lambda: state(after) == "succeeded", timeout=30, what="the Skiplock worker to catch up")
     _restart(embedded_postgres, down_for=7)
     later = defer("record_run")

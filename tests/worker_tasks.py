@@ -133,3 +133,9 @@ async def soft_limited_async(*, seconds: float = 10.0) -> str:
 
     await asyncio.sleep(seconds)
     return "finished"
+
+
+@task(queue="wtest", retry=FAST_RETRY)
+def plain(*, n: int = 0) -> int:
+    """A task without a context, that any worker (procrastinate's own too) can run."""
+    return n
