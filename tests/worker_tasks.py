@@ -139,3 +139,54 @@ async def soft_limited_async(*, seconds: float = 10.0) -> str:
 def plain(*, n: int = 0) -> int:
     """A task without a context, that any worker (procrastinate's own too) can run."""
     return n
+
+
+QUICK_RETRY = RetryPolicy(max_retries=1, backoff=0.1, factor=1, max_backoff=0.1, jitter=0)
+
+
+@task(queue="wtest", retry=QUICK_RETRY)
+def exits(*, code: int = 3, kind: str = "exit") -> None:
+    """Leave the way a script would: exit() (SystemExit) or KeyboardInterrupt."""
+    import sys
+
+    if kind == "exit":
+        sys.exit(code)
+    raise KeyboardInterrupt("interrupted by the task")
+
+
+@task(queue="wtest", retry=QUICK_RETRY)
+async def aexits(*, code: int = 4) -> None:
+    """An async task that raises SystemExit on the worker's own loop."""
+    raise SystemExit(code)
+
+
+@task(queue="wtest", lock="resource-{resource}", retry=RetryPolicy(max_retries=0))
+def hold_lock(ctx: JobContext, *, resource: str, seconds: float = 0.5) -> str:
+    """Hold a lock for a while, recording when it started."""
+    import os
+
+    _write("INSERT INTO wtest_started (job_id, attempt, pid) VALUES (%s, %s, %s)", [ctx.job_id, ctx.attempt, os.getpid()])
+    time.sleep(seconds)
+    return resource
+
+
+@task(queue="wtest", retry=RetryPolicy(max_retries=3, backoff=0.1, factor=1, max_backoff=0.1, jitter=0))
+def stubborn(ctx: JobContext, *, seconds: float = 8.0) -> dict[str, Any]:
+    """Attempt 1 reports progress for `seconds`, then fails; later attempts succeed at once."""
+    import os
+
+    _write("INSERT INTO wtest_started (job_id, attempt, pid) VALUES (%s, %s, %s)", [ctx.job_id, ctx.attempt, os.getpid()])
+    if ctx.attempt > 1:
+        ctx.report_progress(50, f"attempt {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+    try:
+        ends = time.time() + seconds
+        step = 0
+        while time.time() < ends:
+            step += 1
+            ctx.report_progress(min(90, step), f"attempt 1 step {step}")
+            time.sleep(0.05)
+        raise RuntimeError("late error from attempt 1")
+    finally:
+        _write("INSERT INTO wtest_runs (job_id, token, attempt, pid) VALUES (%s, 'attempt-1-ended', 1, %s)",
+               [ctx.job_id, os.getpid()])
