@@ -172,13 +172,18 @@ def hold_lock(ctx: JobContext, *, resource: str, seconds: float = 0.5) -> str:
 
 @task(queue="wtest", retry=RetryPolicy(max_retries=3, backoff=0.1, factor=1, max_backoff=0.1, jitter=0))
 def stubborn(ctx: JobContext, *, seconds: float = 8.0) -> dict[str, Any]:
-    """Attempt 1 reports progress for `seconds`, then fails; later attempts succeed at once."""
+    """The first run reports progress for `seconds`, then fails; any later run succeeds at once.
+
+    (A run after a lost worker is still attempt 1 — a lost worker uses up no retry — so runs are
+    told apart by what wtest_started holds.)
+    """
     import os
 
+    runs_before = _write("SELECT count(*) FROM wtest_started WHERE job_id = %s", [ctx.job_id])[0]
     _write("INSERT INTO wtest_started (job_id, attempt, pid) VALUES (%s, %s, %s)", [ctx.job_id, ctx.attempt, os.getpid()])
-    if ctx.attempt > 1:
-        ctx.report_progress(50, f"attempt {ctx.attempt}")
-        return {"attempt": ctx.attempt}
+    if runs_before:
+        ctx.report_progress(50, "a later run")
+        return {"run": runs_before + 1, "pid": os.getpid()}
     try:
         ends = time.time() + seconds
         step = 0
