@@ -584,7 +584,7 @@ class Worker:
                 await asyncio.sleep(interval)
         finally:
             running.progress_writer = None
-            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._writers.discard(asyncio.current_task())
 
     # -- finishing -----------------------------------------------------------------------------
     async def _flush_forever(self) -> None:

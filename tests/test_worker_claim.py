@@ -150,7 +150,9 @@ def test_two_racing_claimers_never_claim_the_same_job_nor_two_of_one_lock(
 
     def claimer(index: int) -> None:
         conn = connections_pair[index]
-        worker_id = conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id").fetchone()[0]
+        row = conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id").fetchone()
+        assert row is not None
+        worker_id = row[0]
         idle = 0
         while idle < 3:
             try:
