@@ -1,24 +1,24 @@
 """Where the time goes: a Skiplock worker (and, for comparison, bare procrastinate) draining no-op jobs.
 
-For N pre-filled no-op jobs at concurrency 4, one process, measured over the drain only:
-- cProfile of the worker process (its event loop thread: the no-op tasks are async), by function
-  and by package;
+For N pre-filled no-op jobs at concurrency 4, one process, measured over the drain only, with no
+profiler attached (cProfile slows the worker enough to inflate the per-job database figures
+several-fold; run py-spy against a worker by hand for a flame graph):
 - CPU seconds of the worker process and of the PostgreSQL server processes, per job;
-- pg_stat_statements (track = all, so statements run by triggers show too): top statements by
-  total time, calls and milliseconds per job; transactions and WAL bytes per job.
+- pg_stat_statements (track = all, so statements run inside functions show too): top statements by
+  total time, calls and milliseconds per job; round trips (top-level statements), transactions and
+  WAL bytes per job.
 The worker is paused (SIGSTOP) while the queue is filled, so the figures hold the drain alone.
 """
 
 from __future__ import annotations
 
 import os
-import pstats
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, Bench, Processes, log, wait_until
+from bench.common import Bench, Processes, log
 from bench.systems import ProcrastinateSystem, SkiplockSystem, System
 
 CONCURRENCY = 4
@@ -56,46 +56,14 @@ def db_counters(conn: Any) -> dict[str, float]:
     return {"commits": float(row[0]), "wal_bytes": float(row[1])}
 
 
-def function_rows(stats: pstats.Stats, jobs: int, limit: int = 15) -> list[dict[str, Any]]:
-    rows = []
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    for (filename, line, name), (_cc, calls, tottime, cumtime, _callers) in raw.items():
-        rows.append({
-            "function": f"{short_path(filename)}:{line}({name})",
-            "calls_per_job": round(calls / jobs, 2),
-            "self_us_per_job": round(tottime / jobs * 1e6, 1),
-            "cumulative_us_per_job": round(cumtime / jobs * 1e6, 1),
-        })
-    rows.sort(key=lambda r: r["self_us_per_job"], reverse=True)
-    return rows[:limit]
-
-
-def by_package(stats: pstats.Stats, jobs: int) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    for (filename, _line, _name), (_cc, _calls, tottime, _cum, _callers) in raw.items():
-        totals[package_of(filename)] = totals.get(package_of(filename), 0.0) + tottime
-    return {k: round(v / jobs * 1e6, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-
-
-def package_of(filename: str) -> str:
-    for marker in ("site-packages/", "lib/python3"):
-        if marker in filename:
-            rest = filename.split(marker, 1)[1].lstrip("/")
-            if marker == "lib/python3":
-                return "stdlib:" + (rest.split("/")[1] if "/" in rest else rest)
-            return rest.split("/")[0].split(".")[0]
-    if filename.startswith("<") or filename == "~":
-        return "builtins"
-    parts = Path(filename).parts
-    return parts[-2] if len(parts) >= 2 else filename
-
-
-def short_path(filename: str) -> str:
-    for marker in ("site-packages/", "/work/main/"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    return filename.rsplit("/", 2)[-1] if "/" in filename else filename
+def round_trips(conn: Any) -> float:
+    """Top-level statements run so far (each one round trip from a client, bench polls included)."""
+    row = conn.execute(
+        "SELECT COALESCE(sum(calls), 0) FROM pg_stat_statements WHERE toplevel "
+        "AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND query NOT ILIKE '%%pg_stat_statements%%' AND query NOT ILIKE '%%pg_stat_database%%'"
+    ).fetchone()
+    return float(row[0])
 
 
 def statements(conn: Any, jobs: int, limit: int = 12) -> list[dict[str, Any]]:
@@ -117,13 +85,11 @@ def statements(conn: Any, jobs: int, limit: int = 12) -> list[dict[str, Any]]:
 
 def measure(bench: Bench, system: System, jobs: int, postmaster: int | None) -> dict[str, Any]:
     target = bench.target
-    profile_path = RESULTS_DIR / f"profile-{system.name}.prof"
-    profile_path.unlink(missing_ok=True)
     with target.connect(system.database) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         conn.execute(f'ALTER DATABASE "{system.database}" SET pg_stat_statements.track = \'all\'')
     system.reset()
-    procs: Processes = system.start_workers(CONCURRENCY, 1, profile=str(profile_path))
+    procs: Processes = system.start_workers(CONCURRENCY, 1)
     try:
         worker = procs.procs[0]
         worker.send_signal(signal.SIGSTOP)
@@ -135,23 +101,19 @@ def measure(bench: Bench, system: System, jobs: int, postmaster: int | None) -> 
             polls_before = system.polls
             cpu_worker0 = cpu_seconds([worker.pid])
             cpu_db0 = cpu_seconds(server_pids(postmaster)) if postmaster else 0.0
-            worker.send_signal(signal.SIGUSR1)
         finally:
             worker.send_signal(signal.SIGCONT)
         t0 = time.monotonic()
         t1 = system.wait_drained(procs, timeout=max(60.0, jobs / 10))
-        worker.send_signal(signal.SIGUSR2)
         cpu_worker = cpu_seconds([worker.pid]) - cpu_worker0
         cpu_db = (cpu_seconds(server_pids(postmaster)) - cpu_db0) if postmaster else None
         polls = system.polls - polls_before
         with target.connect(system.database) as conn:
             after = db_counters(conn)
+            trips = round_trips(conn)
             top = statements(conn, jobs)
-        wait_until(profile_path.exists, timeout=30, what="the profile to be written")
-        time.sleep(0.2)
     finally:
         procs.stop()
-    stats = pstats.Stats(str(profile_path))
     wall = t1 - t0
     return {
         "jobs": jobs,
@@ -159,14 +121,12 @@ def measure(bench: Bench, system: System, jobs: int, postmaster: int | None) -> 
         "wall_ms_per_job": round(wall / jobs * 1000, 3),
         "worker_cpu_ms_per_job": round(cpu_worker / jobs * 1000, 3),
         "server_cpu_ms_per_job": None if cpu_db is None else round(cpu_db / jobs * 1000, 3),
-        "profiled_us_per_job": round(stats.total_tt / jobs * 1e6, 1),  # type: ignore[attr-defined]
         # Less the bench's own: its drain polls and the two counter reads.
         "commits_per_job": round((after["commits"] - before["commits"] - polls - 2) / jobs, 2),
+        # Less the bench's own polls of the queue.
+        "round_trips_per_job": round((trips - polls) / jobs, 2),
         "wal_bytes_per_job": round((after["wal_bytes"] - before["wal_bytes"]) / jobs),
-        "by_package_us_per_job": by_package(stats, jobs),
-        "top_functions": function_rows(stats, jobs),
         "top_statements": top,
-        "profile_file": str(profile_path.relative_to(RESULTS_DIR.parent.parent)),
     }
 
 

@@ -219,11 +219,12 @@ def profile_section(data: dict[str, Any]) -> Section | None:
         return None
     keys = [k for k in ("skiplock", "procrastinate") if k in result]
     metrics = [
-        ("jobs/s while profiled", "rate", 0),
+        ("jobs/s while measured", "rate", 0),
         ("wall ms per job", "wall_ms_per_job", 2),
+        ("round trips (top-level statements) per job", "round_trips_per_job", 2),
         ("worker CPU ms per job", "worker_cpu_ms_per_job", 2),
         ("PostgreSQL CPU ms per job", "server_cpu_ms_per_job", 2),
-        ("transactions per job", "commits_per_job", 1),
+        ("transactions per job", "commits_per_job", 2),
         ("WAL bytes per job", "wal_bytes_per_job", 0),
     ]
     header = ["per job"] + [LABEL[k] for k in keys] + ["SL − proc."]
@@ -233,7 +234,8 @@ def profile_section(data: dict[str, Any]) -> Section | None:
         diff = values[0] - values[1] if len(values) == 2 and None not in values else None
         rows.append([label] + [num(v, digits) for v in values] + [num(diff, digits)])
     return ("Where the time goes (no-op jobs, concurrency 4, one process)", header, rows,
-            f"{result['skiplock'].get('jobs')} jobs drained under cProfile and pg_stat_statements.")
+            f"{result['skiplock'].get('jobs')} jobs drained with pg_stat_statements and no profiler attached "
+            "(cProfile would inflate the per-job database figures several-fold).")
 
 
 def targets_section(data: dict[str, Any]) -> Section | None:
@@ -331,19 +333,15 @@ def table(data: dict[str, Any]) -> str:
 # --- the per-job costs ----------------------------------------------------------------------------
 
 REMEDIES = {
-    "fetch": "claim several jobs per round trip (one fetch for up to `concurrency` jobs) and slim the "
-             "AFTER UPDATE trigger (no attempt-number count(*) sub-query, no worker-name look-up per job)",
-    "finish": "record result and final state in one statement (a Skiplock finish function that updates "
-              "procrastinate_jobs, skiplock_job and the attempt together), and drop procrastinate's event rows "
-              "that skiplock_job_attempt already holds",
-    "record": "write the result inside the finish statement instead of a separate UPDATE + NOTIFY + commit",
-    "commits": "fewer transactions per job: claim in batches, fold the result write into the finish, and let "
-               "the worker's bookkeeping commit with synchronous_commit = off (a crash loses at most the last "
-               "fraction of a second of bookkeeping, which stalled-job recovery re-runs)",
-    "python": "fewer round trips per job (each costs Python time in psycopg and asyncio), no thread hop per job "
-              "for async tasks, and no per-job progress-flusher task when a job never reports progress",
-    "server": "leaner triggers: one UPDATE of skiplock_job per transition instead of two, no NOTIFY for "
-              "transitions nobody watches, no event rows duplicated by attempt rows",
+    "claim": "claim for more free slots per round trip (a short debounce before claiming, or a prefetch of a "
+             "few jobs) and keep the lock probe index-backed",
+    "finish": "larger finish batches (a longer flush window or more concurrency), fewer indexes on the side "
+              "row, and no side-row update for jobs that report nothing",
+    "progress": "report progress less often (SKIPLOCK_PROGRESS_INTERVAL)",
+    "commits": "fewer transactions per job: larger claim and finish batches, or synchronous_commit = off for "
+               "the worker's own statements (a crash re-runs at most the last fraction of a second of work)",
+    "python": "less Python per job: the asyncio task per job, psycopg's parameter adaptation of the finish "
+              "arrays and the JSON encoding of results",
 }
 
 
@@ -358,23 +356,21 @@ def biggest_costs(data: dict[str, Any]) -> list[dict[str, Any]]:
         if not stmt["toplevel"]:
             continue
         q = stmt["query"]
-        if "procrastinate_fetch_job" in q:
-            items.append({"key": "fetch", "what": "claiming the job (fetch_job statement and its triggers)",
+        if "candidate AS MATERIALIZED" in q:
+            items.append({"key": "claim", "what": "claiming jobs (the batch claim statement)", "ms": stmt["ms_per_job"]})
+        elif "WITH input AS" in q and "ended AS" in q:
+            items.append({"key": "finish", "what": "finishing jobs (the batch finish statement)",
                           "ms": stmt["ms_per_job"]})
-        elif "procrastinate_finish_job" in q:
-            items.append({"key": "finish", "what": "finishing the job (finish_job statement and its triggers)",
-                          "ms": stmt["ms_per_job"]})
-        elif "UPDATE skiplock_job SET result" in q:
-            items.append({"key": "record", "what": "the separate result UPDATE on skiplock_job (+ NOTIFY trigger)",
-                          "ms": stmt["ms_per_job"]})
+        elif "WITH mine AS" in q:
+            items.append({"key": "progress", "what": "progress writes", "ms": stmt["ms_per_job"]})
     if fsync and prof.get("commits_per_job"):
-        items.append({"key": "commits", "what": f"waiting for {prof['commits_per_job']:.1f} commits per job to reach "
+        items.append({"key": "commits", "what": f"waiting for {prof['commits_per_job']:.2f} commits per job to reach "
                       f"the disk (fdatasync ≈ {fsync:.1f} ms here; an upper bound, group commit lets concurrent "
                       "jobs share some flushes)",
                       "ms": prof["commits_per_job"] * fsync})
     if prof.get("worker_cpu_ms_per_job"):
-        items.append({"key": "python", "what": "the worker's own Python CPU (psycopg, asyncio, procrastinate, "
-                      "Skiplock's middleware)", "ms": prof["worker_cpu_ms_per_job"]})
+        items.append({"key": "python", "what": "the worker's own Python CPU (psycopg, asyncio, Skiplock's loop)",
+                      "ms": prof["worker_cpu_ms_per_job"]})
     items.sort(key=lambda c: c["ms"], reverse=True)
     for item in items:
         item["remedy"] = REMEDIES[item["key"]]
@@ -418,7 +414,8 @@ def markdown(data: dict[str, Any]) -> str:
         "| system | how it runs |",
         "|---|---|",
         "| Skiplock | as users run it: `jobs.services.job_defer` / `job_defer_batch` to enqueue; workers are "
-        "`jobs.worker.run_worker` (recording middleware, job-record triggers, NOTIFY on every change) in "
+        "`jobs.worker.run_worker` (one statement claims for every free slot, one statement finishes a batch "
+        "with the side row, attempt row and counters; no NOTIFY without a listener) in "
         "`python -m bench.worker_skiplock` processes, Django with `DATABASE_URL` on the bench database, DEBUG off |",
         "| bare procrastinate | a plain `procrastinate.App` with `PsycopgConnector` on its own database (no "
         "Skiplock tables or triggers), the same worker settings (pool of concurrency + 3, LISTEN/NOTIFY, "
@@ -446,9 +443,10 @@ def markdown(data: dict[str, Any]) -> str:
         "- **End to end**: jobs enqueued one by one (one commit each) into a running worker at concurrency 4.",
         "- **Growth**: finished jobs cloned in SQL from a really-run job (all its rows: queue row, events, job "
         "record, attempt), indexes rebuilt, `VACUUM ANALYZE`; then the no-op rate and pickup latency.",
-        "- **Where the time goes**: the same drain under cProfile (worker's event-loop thread: the no-op task "
-        "is async), CPU seconds of the worker and of all PostgreSQL processes, and `pg_stat_statements` with "
-        "`track = all` (statements run inside triggers show separately), for Skiplock and bare procrastinate.",
+        "- **Where the time goes**: the same drain with no profiler attached: CPU seconds of the worker and of "
+        "all PostgreSQL processes, and `pg_stat_statements` with `track = all` (round trips = top-level "
+        "statements; statements run inside functions show separately), commits and WAL bytes, for Skiplock "
+        "and bare procrastinate.",
         "",
         "## Hardware and software",
         "",
@@ -499,7 +497,7 @@ def markdown(data: dict[str, Any]) -> str:
         "installs Celery into `bench/.venv` and Debian's `redis-server` with apt on first use "
         "(`python -m bench.setup_celery`), and stops what it started. `tests/test_bench.py` runs the same "
         "code at a tiny size in the test suite (no figures are asserted). Per-run timings of each benchmark, "
-        "the load average around it, cProfile files and worker logs are under `bench/results/`.",
+        "the load average around it and worker logs are under `bench/results/`.",
         "",
     ]
     return "\n".join(out)
@@ -518,14 +516,6 @@ def profile_details(data: dict[str, Any]) -> list[str]:
             [[num(s["ms_per_job"], 3), num(s["calls_per_job"], 2), num(s["mean_ms"], 3),
               "top" if s["toplevel"] else "in trigger/function", "`" + s["query"][:140].replace("|", "\\|") + "`"]
              for s in prof.get("top_statements", [])[:10]],
-        ))
-        out += ["", f"### {LABEL[key]}: worker time by package (µs per job, cProfile self time, event-loop idle included in builtins)", ""]
-        out.append(md_table(["package", "µs/job"], [[k, num(v, 1)] for k, v in list(prof.get("by_package_us_per_job", {}).items())[:10]]))
-        out += ["", f"### {LABEL[key]}: top functions by self time (µs per job)", ""]
-        out.append(md_table(
-            ["function", "calls/job", "self µs/job", "cumulative µs/job"],
-            [["`" + f["function"][:90] + "`", num(f["calls_per_job"], 2), num(f["self_us_per_job"], 1),
-              num(f["cumulative_us_per_job"], 1)] for f in prof.get("top_functions", [])[:10]],
         ))
         out.append("")
     return out

@@ -24,7 +24,7 @@ class System(Protocol):
     target: Target
     polls: int
 
-    def start_workers(self, concurrency: int, processes: int, *, profile: str | None = None) -> Processes: ...
+    def start_workers(self, concurrency: int, processes: int) -> Processes: ...
     def fill(self, task: str, n: int) -> float: ...
     def defer_one(self, task: str, args: dict[str, Any] | None = None) -> None: ...
     def defer_batch(self, task: str, n: int) -> None: ...
@@ -88,7 +88,7 @@ class _PostgresSystem:
 
 
 class SkiplockSystem(_PostgresSystem):
-    """Skiplock as users run it: services.job_defer*, jobs.worker.run_worker, its middleware and triggers."""
+    """Skiplock as users run it: transitions.job_defer*, jobs.worker.run_worker (batched claim and finish)."""
 
     name = "skiplock"
     label = "Skiplock"
@@ -107,14 +107,12 @@ class SkiplockSystem(_PostgresSystem):
             LOG_LEVEL="WARNING",
         )
 
-    def start_workers(self, concurrency: int, processes: int, *, profile: str | None = None) -> Processes:
+    def start_workers(self, concurrency: int, processes: int) -> Processes:
         procs = Processes(f"skiplock-c{concurrency}-p{processes}")
         env = self.worker_env()
         for i in range(processes):
             argv = [sys.executable, "-m", "bench.worker_skiplock", "--concurrency", str(concurrency),
                     "--name", f"bench-{i}"]
-            if profile:
-                argv += ["--profile", profile]
             procs.spawn(argv, env)
         try:
             self.warm_up(procs, max(4, 2 * concurrency * processes))
@@ -177,13 +175,13 @@ class ProcrastinateSystem(_PostgresSystem):
             self._app.open()
         return self._app
 
-    def start_workers(self, concurrency: int, processes: int, *, profile: str | None = None) -> Processes:
+    def start_workers(self, concurrency: int, processes: int) -> Processes:
         procs = Processes(f"procrastinate-c{concurrency}-p{processes}")
         env = python_env()
         for i in range(processes):
             argv = [sys.executable, "-m", "bench.worker_procrastinate", self.target.conninfo(self.database),
                     "--concurrency", str(concurrency), "--name", f"bench-{i}"]
-            procs.spawn(argv + (["--profile", profile] if profile else []), env)
+            procs.spawn(argv, env)
         try:
             self.warm_up(procs, max(4, 2 * concurrency * processes))
         except BaseException:

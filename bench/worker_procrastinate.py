@@ -21,12 +21,7 @@ def main() -> None:
     parser.add_argument("conninfo")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--name", default=None)
-    parser.add_argument("--profile", default=None)
     args = parser.parse_args()
-    if args.profile:
-        from bench.worker_skiplock import install_profiler
-
-        install_profiler(args.profile)
     asyncio.run(run(args.conninfo, args.concurrency, args.name))
 
 

@@ -105,8 +105,8 @@ def test_profile_attributes_the_time_of_a_drain(bench: Bench) -> None:
         prof = result[key]
         assert prof["jobs"] == bench.size.profile_jobs
         assert prof["worker_cpu_ms_per_job"] > 0
-        assert any("procrastinate_fetch_job" in s["query"] for s in prof["top_statements"])
-        assert prof["top_functions"]
+        assert any("candidate AS MATERIALIZED" in s["query"] for s in prof["top_statements"])
+        assert prof["round_trips_per_job"] > 0
     data = {"size": "tiny", "environment": {"fsync_ms": 1.0}, "benchmarks": {"profile": result}}
     costs = report.biggest_costs(data)
     assert len(costs) == 3
