@@ -91,7 +91,7 @@ def run_child(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: early.append(signum))
     reporter = timelimits.pipe_reporter(report_fd) if report_fd is not None else None
-    timelimits.set_reporter(reporter)
+    timelimits.set_reporter(reporter, report_fd)
     worker = asyncio.run(run_worker(
         queues=queues, concurrency=concurrency, name=name, wait=True, processes=processes,
         shutdown_grace=shutdown_grace, on_event=reporter,
@@ -233,17 +233,19 @@ class Supervisor:
         *lines, child.buffer = child.buffer.split(b"\n")
         now = time.monotonic()
         for line in lines:
+            if line.startswith(b"s "):  # a job started: s <job id> <hard limit>
+                _, job_id, limit = line.split()
+                child.jobs[int(job_id)] = now + float(limit) + timelimits.HARD_LIMIT_GRACE
+                continue
+            if line.startswith(b"e "):  # a job ended: e <job id>
+                child.jobs.pop(int(line.split()[1]), None)
+                continue
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            kind = event.get("event")
-            if kind == "worker":
+            if event.get("event") == "worker":
                 child.worker_ids.append(int(event["worker_id"]))
-            elif kind == "start":
-                child.jobs[int(event["job_id"])] = now + float(event["hard_time_limit"]) + timelimits.HARD_LIMIT_GRACE
-            elif kind == "end":
-                child.jobs.pop(int(event["job_id"]), None)
 
     # -- dead children -------------------------------------------------------------------------
     def _reap(self) -> bool:

@@ -32,11 +32,30 @@ HARD_LIMIT_GRACE = 1.0
 
 # The supervisor of this process, when there is one: receives one JSON line per event.
 _reporter: Callable[[dict[str, Any]], None] | None = None
+_report_fd: int | None = None
 
 
-def set_reporter(reporter: Callable[[dict[str, Any]], None] | None) -> None:
-    global _reporter
+def set_reporter(reporter: Callable[[dict[str, Any]], None] | None, fd: int | None = None) -> None:
+    global _reporter, _report_fd
     _reporter = reporter
+    _report_fd = fd
+
+
+def report_jobs(lines: list[str]) -> None:
+    """Job starts and ends for the supervisor, many per write: `s <job id> <hard limit>` / `e <job id>`.
+
+    The worker batches them (one write per claim, one per loop iteration of endings), so
+    supervision costs a few microseconds per job, not a pipe write and a JSON document each.
+    """
+    if _report_fd is None or not lines:
+        return
+    data = "".join(lines).encode()
+    try:
+        while data:
+            written = os.write(_report_fd, data)
+            data = data[written:]
+    except OSError:
+        logger.warning("could not report %d job start(s)/end(s) to the supervisor", len(lines))
 
 
 def pipe_reporter(fd: int) -> Callable[[dict[str, Any]], None]:

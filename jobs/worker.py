@@ -172,6 +172,8 @@ class Worker:
         self._outage = Outage(logger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: set[asyncio.Task[None]] = set()
+        self._supervised = timelimits.supervised()
+        self._reports: list[str] = []  # job starts/ends for the supervisor, sent in batches
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -305,6 +307,7 @@ class Worker:
                 delays = backoff_delays()
                 for job in claimed:
                     self._start(job)
+                self._send_reports()  # before any of them runs: a job stuck in C must be known
                 more = len(claimed) == free
                 if more:
                     continue
@@ -397,8 +400,12 @@ class Worker:
         running.task = asyncio.create_task(self._run(running, spec, procrastinate_task), name=f"job {job.id}")
         assert self._loop is not None
         running.timer = self._loop.call_later(ctx.soft_time_limit, self._time_limit, running, "soft")
-        if timelimits.supervised():
-            timelimits.report({"event": "start", "job_id": job.id, "hard_time_limit": ctx.hard_time_limit})
+        if self._supervised:
+            self._reports.append(f"s {job.id} {ctx.hard_time_limit!r}\n")
+
+    def _send_reports(self) -> None:
+        timelimits.report_jobs(self._reports)
+        self._reports.clear()
 
     async def _run(self, running: Running, spec: TaskSpec | None, procrastinate_task: Any) -> None:
         job = running.job
@@ -480,8 +487,11 @@ class Worker:
             running.timer.cancel()
         if self._running.get(job_id) is running:
             del self._running[job_id]
-        if timelimits.supervised():
-            timelimits.report({"event": "end", "job_id": job_id})
+        if self._supervised:
+            if not self._reports:
+                assert self._loop is not None
+                self._loop.call_soon(self._send_reports)
+            self._reports.append(f"e {job_id}\n")
         if ending is not None and running.written_off and ending.status != "requeue":
             logger.info("job %s was taken back from this worker while it ran; its outcome (%s) is dropped",
                         job_id, ending.status)
