@@ -877,11 +877,14 @@ FROM result x
 """
 
 # The latest progress of a running attempt; nothing when the attempt is no longer this worker's.
+# The fence holds a share lock on the queue row, so an attempt ending concurrently (its finish,
+# stall recovery) is either before this write (the fence fails) or after it (and overwrites it).
 # The side row is created for a job deferred without one (raw procrastinate).
 WRITE_PROGRESS = """
 WITH mine AS (
     SELECT j.id, j.attempts, j.abort_requested FROM procrastinate_jobs j
     WHERE j.id = %(job_id)s AND j.status = 'doing' AND j.worker_id = %(worker_id)s AND j.attempts = %(attempts)s
+    FOR SHARE OF j  -- waits for a finish or a take-back in flight, then re-checks the fence
 ),
 written AS (
     INSERT INTO skiplock_job AS r (job_id, progress, step, progress_at)

@@ -72,7 +72,8 @@ def worker_pool(*, concurrency: int) -> psycopg_pool.AsyncConnectionPool:
         max_size=min(concurrency, 8) + 4,  # claim/finish + heartbeat + progress writers + deferrer
         open=False,
         timeout=5.0,
-        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        # No check on checkout (a round trip each): a broken connection fails its statement, which
+        # is retried, and the pool drops it.
         name="skiplock-worker",
     )
 
@@ -326,17 +327,23 @@ class Worker:
                     more = True  # a drain-and-exit worker tries again whenever a job ends (lock chains)
 
     async def _finish_and_claim(self, n: int) -> list[recording.Claimed]:
+        """Finish what is pending and claim up to `n` jobs: one round trip, one transaction."""
+
         async def round_trip(conn: psycopg.AsyncConnection[Any]) -> list[recording.Claimed]:
             if self._needs_reconcile:
                 await self._reconcile(conn)
-            await self._flush_on(conn)
+            if len(self._pending) > self.flush_max:
+                await self._flush_on(conn)  # a backlog (after an outage): its own statements first
             for _ in range(5):
+                batch = self._pending[: self.flush_max]
                 try:
-                    cursor = await conn.execute(transitions.CLAIM, {
-                        "queues": self.queues, "n": n, "worker_id": self.worker_id,
-                    })
+                    finished, rows = await self._pipelined(conn, batch, n)
                 except psycopg.errors.UniqueViolation:
-                    continue  # two claimers saw two heads of one lock: the index refused ours; again
+                    # Two claimers saw two heads of one lock (the index refused ours), or two retries
+                    # of one queueing lock in the batch: finish on its own, then claim again.
+                    if batch:
+                        await self._flush_on(conn)
+                    continue
                 except psycopg.errors.ForeignKeyViolation:
                     await self._register_again("the claim found this worker's registration gone")
                     return []
@@ -344,7 +351,7 @@ class Worker:
                     if is_connection_error(exc):
                         self._needs_reconcile = True  # the claim may have committed without its answer
                     raise
-                rows = await cursor.fetchall()
+                self._settle(batch, finished)
                 claimed = [recording.Claimed(*row[:9]) for row in rows]
                 claimed.sort(key=lambda job: (-job.priority, job.id))
                 return claimed
@@ -353,6 +360,23 @@ class Worker:
         async with self._db_lock:
             result: list[recording.Claimed] = await self._db(round_trip, what="claiming jobs", stop=self._stop)
             return result
+
+    async def _pipelined(
+        self, conn: psycopg.AsyncConnection[Any], batch: list[recording.Ending], n: int,
+    ) -> tuple[list[Any], list[Any]]:
+        """The finish statement (if any ending waits) then the claim, sent together.
+
+        In pipeline mode both run in one implicit transaction: one round trip and one commit, and
+        the claim already sees the locks the finished jobs released.
+        """
+        async with conn.pipeline():
+            finish = None
+            if batch:
+                finish = await conn.execute(transitions.FINISH, finish_params(
+                    batch, worker_id=self.worker_id, worker_name=self.name))
+            claim = await conn.execute(transitions.CLAIM, {"queues": self.queues, "n": n, "worker_id": self.worker_id})
+        finished = await finish.fetchall() if finish is not None else []
+        return finished, await claim.fetchall()
 
     async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Requeue `doing` jobs of ours that we do not run (a claim whose answer was lost)."""
@@ -634,12 +658,16 @@ class Worker:
                 rows = []  # two retries of one queueing lock in one batch: one statement each
                 for ending in batch:
                     rows += await self._finish(conn, [ending])
-            del self._pending[: len(batch)]
-            ours = {row[0] for row in rows}
-            for ending in batch:
-                if ending.job.id not in ours:
-                    logger.warning("job %s is no longer this worker's attempt (taken back meanwhile); "
-                                   "its outcome (%s) is dropped", ending.job.id, ending.status)
+            self._settle(batch, rows)
+
+    def _settle(self, batch: list[recording.Ending], rows: list[Any]) -> None:
+        """Forget a written batch; say which endings matched no attempt (taken back meanwhile)."""
+        del self._pending[: len(batch)]
+        ours = {row[0] for row in rows}
+        for ending in batch:
+            if ending.job.id not in ours:
+                logger.warning("job %s is no longer this worker's attempt (taken back meanwhile); "
+                               "its outcome (%s) is dropped", ending.job.id, ending.status)
 
     async def _finish(self, conn: psycopg.AsyncConnection[Any], batch: list[recording.Ending]) -> list[Any]:
         cursor = await conn.execute(transitions.FINISH, finish_params(batch, worker_id=self.worker_id,
