@@ -213,6 +213,8 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # The pool would log each failed reconnection; the outage log says it once (jobs.reconnect.Outage).
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.pool = worker_pool(concurrency=self.concurrency)
         await self.pool.open(wait=False)
         side: list[asyncio.Task[Any]] = []

@@ -111,6 +111,12 @@ def test_postgresql_restart_while_2000_jobs_run_on_2_processes_x_4_loses_nothing
     assert result["runs"] >= 2000
     assert worker.process.poll() is None  # no crash loop: the supervisor and its processes lived on
     assert worker.terminate() == 0
+    # The outage is told once per change (lost, back) per process, without a traceback (hardening 24).
+    log = worker.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert "psycopg.pool" not in log
+    assert 1 <= log.count("database unreachable") <= 2 * 2
+    assert 1 <= log.count("database reachable again") <= 2 * 2
 
 
 def test_repeated_worker_kills_lose_no_job_and_never_run_one_twice_at_once(
