@@ -95,7 +95,8 @@ def test_one_head_per_lock_by_priority_then_id_and_a_running_job_blocks_its_lock
     free = insert()
     engine, ours = picks(None)
     assert engine == ours == [urgent, other, free]
-    assert first not in ours and blocked not in ours
+    assert first not in ours
+    assert blocked not in ours
 
 
 def test_a_same_lock_job_in_another_queue_still_blocks() -> None:
@@ -182,4 +183,5 @@ def test_two_racing_claimers_never_claim_the_same_job_nor_two_of_one_lock(
     assert not overlaps
     assert not set(claimed[0]) & set(claimed[1])
     assert sorted(claimed[0] + claimed[1]) == sorted(ids)
-    assert claimed[0] and claimed[1]  # both really raced
+    assert claimed[0]
+    assert claimed[1]

@@ -87,11 +87,13 @@ def test_a_hard_limit_kill_requeues_the_neighbour_without_charging_it_an_attempt
     # The neighbour ran in the killed process: back in the queue, not lost, no attempt charged.
     assert attempts_of(neighbour)[0] == ("requeued", "WorkerLost")
     message = scalar("SELECT error_message FROM skiplock_job_attempt WHERE job_id = %s AND number = 1", [neighbour])
-    assert "hard time limit" in message and "without using up a retry" in message
+    assert "hard time limit" in message
+    assert "without using up a retry" in message
     wait_for(lambda: state_of(neighbour) == "succeeded", timeout=60, what="the neighbour to run again")
     # (The runaway's retry may kill it once more: each time it is requeued, never lost nor charged.)
     *requeues, last = attempts_of(neighbour)
-    assert requeues and set(requeues) == {("requeued", "WorkerLost")}
+    assert requeues
+    assert set(requeues) == {("requeued", "WorkerLost")}
     assert last == ("succeeded", "")
     assert charged(neighbour) == 1  # only the attempt that succeeded
     wait_for(lambda: state_of(runaway) == "failed", timeout=60, what="the runaway job to fail for good")
@@ -157,7 +159,8 @@ def test_the_supervisor_says_a_child_it_saw_die_died(start_worker: Callable[...,
     wait_for(lambda: attempts_of(job_id), timeout=30, what="the job to be taken back")
     message = str(scalar("SELECT error_message FROM skiplock_job_attempt WHERE job_id = %s", [job_id]))
     assert f"(pid {pid}) died (signal 9)" in message, message
-    assert "e+09" not in message and "heartbeating" not in message
+    assert "e+09" not in message
+    assert "heartbeating" not in message
     assert worker.terminate() == 0
 
 
