@@ -70,39 +70,56 @@ def test_procrastinate_only_detects_stalled_jobs_skiplock_takes_them_back(worker
 
 
 def test_a_stalled_job_out_of_attempts_is_failed_not_retried_forever(worker_tables: None) -> None:
+    from jobs.transitions import MAX_LOST_ATTEMPTS
+
     job_id = defer("soft_limited")  # max_retries=0: one attempt only
+    # A lost worker uses up no retry (the job did not fail): it comes back, attempts unchanged ...
+    for _ in range(MAX_LOST_ATTEMPTS - 1):
+        claim(job_id, heartbeat_age=3600)
+        report = maintenance.recover_stalled_jobs(stalled_after=60)
+        assert report.retried == [job_id]
+        assert state(job_id) == "todo"
+        assert scalar("SELECT attempts FROM procrastinate_jobs WHERE id = %s", [job_id]) == 0
+    # ... but a job that loses its worker every time is failed, not retried for ever.
     claim(job_id, heartbeat_age=3600)
     report = maintenance.recover_stalled_jobs(stalled_after=60)
     assert report.failed == [job_id]
     assert state(job_id) == "failed"
+    assert query("SELECT outcome FROM skiplock_job_attempt WHERE job_id = %s ORDER BY number", [job_id]) == [
+        ("lost",)
+    ] * MAX_LOST_ATTEMPTS
 
 
 def test_finished_jobs_keep_no_worker_link_so_removing_a_worker_touches_only_its_running_jobs(
     worker_tables: None,
 ) -> None:
-    def run_fifty() -> tuple[int, int]:
+    from jobs import transitions
+
+    def run_fifty(*, skiplock: bool) -> tuple[int, int]:
         ids = [defer("record_run") for _ in range(50)]
         worker_id = scalar("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
         for _ in ids:
             scalar("SELECT id FROM procrastinate_fetch_job_v2(ARRAY[%s]::varchar[], %s)", [QUEUE, worker_id])
-        for job_id in ids[:-1]:
-            scalar("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", [job_id])
+        if skiplock:
+            transitions.end_attempts([
+                transitions.AttemptEnd(job_id=job_id, worker_id=worker_id, attempts=0, status="succeeded",
+                                       outcome="succeeded")
+                for job_id in ids[:-1]
+            ])
+        else:
+            for job_id in ids[:-1]:
+                scalar("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", [job_id])
         linked = scalar("SELECT count(*) FROM procrastinate_jobs WHERE worker_id = %s", [worker_id])
         scalar("DELETE FROM procrastinate_workers WHERE id = %s RETURNING id", [worker_id])
         return int(worker_id), int(linked)
 
     # The engine (#1454): every job a worker ever ran still points at it, so deleting the worker
     # row (stop, or pruning at another worker's start) rewrites all of them.
-    with connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE procrastinate_jobs DISABLE TRIGGER skiplock_unlink_worker")
-        try:
-            _, linked = run_fifty()
-        finally:
-            cursor.execute("ALTER TABLE procrastinate_jobs ENABLE TRIGGER skiplock_unlink_worker")
+    _, linked = run_fifty(skiplock=False)
     assert linked == 50
 
-    # Skiplock (migration 0003): a job is unlinked in the write that ends its attempt.
-    _, linked = run_fifty()
+    # Skiplock: the statement that ends an attempt unlinks its job (no trigger).
+    _, linked = run_fifty(skiplock=True)
     assert linked == 1  # only the job still running
 
 

@@ -45,7 +45,7 @@ SELECT j.id AS job_id,
        COALESCE(r.started_at, CASE WHEN j.status = 'doing' THEN (
            SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started'
        ) END) AS started_at,
-       CASE WHEN j.status IN ('succeeded', 'failed', 'cancelled', 'aborted') THEN r.finished_at END AS finished_at,
+       r.finished_at,  -- NULL unless the job is final (its writers see to it): the index serves filters
        j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END AS attempts,
        COALESCE(r.progress, 0)::smallint AS progress,
        COALESCE(r.step, '') AS step,
