@@ -57,6 +57,11 @@ WHERE id = ANY(%(job_ids)s) AND status = 'doing' AND worker_id = %(worker_id)s
 FOR UPDATE
 """
 
+_ANNOUNCE_CLAIM = (
+    "SELECT skiplock_announce(jsonb_agg(" + transitions.event_sql() + ")) "
+    "FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id WHERE j.id = %(job_id)s"
+)
+
 _REGISTER = """
 WITH w AS (INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id)
 INSERT INTO skiplock_worker (worker_id, name, hostname, pid, queues, concurrency, processes,
@@ -273,6 +278,9 @@ class SkiplockWorker(Worker):
                         if self._needs_reconcile:
                             await self._reconcile()
                         job = await self.app.job_manager.fetch_job(queues=self.queues, worker_id=self.worker_id)
+                        if job is not None:  # lean-data adapter: announce the claim (no trigger does)
+                            async with self.pool.connection() as conn:
+                                await conn.execute(_ANNOUNCE_CLAIM, {"job_id": job.id})
                 except Exception as exc:
                     failed = True
                     self._needs_reconcile = True  # the answer may be lost while the claim committed

@@ -273,13 +273,18 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # Unmanaged: registrations are runtime state (a test flush must not drop a live hub's row).
+        migrations.RunSQL(
+            "CREATE TABLE skiplock_listener (name varchar(255) PRIMARY KEY, expires_at timestamptz NOT NULL)",
+            "DROP TABLE skiplock_listener",
+        ),
         migrations.CreateModel(
             name="Listener",
             fields=[
                 ("name", models.CharField(max_length=255, primary_key=True, serialize=False)),
                 ("expires_at", models.DateTimeField()),
             ],
-            options={"db_table": "skiplock_listener"},
+            options={"db_table": "skiplock_listener", "managed": False},
         ),
         migrations.CreateModel(
             name="QueueStat",
