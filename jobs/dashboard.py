@@ -157,7 +157,10 @@ def rollup(*, since: dt.datetime, bucket: str) -> Rollup:
                    CASE WHEN j.status = 'succeeded' AND r.started_at IS NOT NULL THEN
                         width_bucket(ln(greatest(extract(epoch FROM r.finished_at - r.started_at)::float8, %s)),
                                      ln(%s), ln(%s), %s) END AS bin
-            FROM skiplock_job r JOIN procrastinate_jobs j ON j.id = r.job_id
+            FROM skiplock_job r
+            -- one primary-key probe per finished job (OFFSET 0 keeps the planner from hashing the queue table)
+            CROSS JOIN LATERAL (SELECT q.status, q.queue_name, q.task_name FROM procrastinate_jobs q
+                                WHERE q.id = r.job_id OFFSET 0) AS j
             WHERE r.finished_at >= %s AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
         ) AS w
         GROUP BY GROUPING SETS ((b, state), (queue_name, state), (task_name, state, bin))

@@ -41,12 +41,12 @@ def defer_many(count: int, *, work_ms: int = 5) -> list[int]:
 
 def finished(ids: list[int]) -> int:
     return int(scalar(
-        "SELECT count(*) FROM skiplock_job WHERE job_id = ANY(%s) AND state IN ('succeeded', 'failed')", [ids]
+        "SELECT count(*) FROM skiplock_job_view WHERE job_id = ANY(%s) AND state IN ('succeeded', 'failed')", [ids]
     ))
 
 
 def summary(ids: list[int]) -> dict[str, int]:
-    states = dict(query("SELECT state, count(*) FROM skiplock_job WHERE job_id = ANY(%s) GROUP BY state", [ids]))
+    states = dict(query("SELECT state, count(*) FROM skiplock_job_view WHERE job_id = ANY(%s) GROUP BY state", [ids]))
     return {
         "jobs": len(ids),
         "succeeded": int(states.get("succeeded", 0)),

@@ -28,7 +28,7 @@ def defer(task_name: str, **args: object) -> int:
 
 
 def state_of(job_id: int) -> str:
-    return str(scalar("SELECT state FROM skiplock_job WHERE job_id = %s", [job_id]))
+    return str(scalar("SELECT state FROM skiplock_job_view WHERE job_id = %s", [job_id]))
 
 
 def attempts_of(job_id: int) -> list[tuple[int, str, str, str]]:

@@ -65,9 +65,9 @@ def test_with_the_setting_on_the_web_process_runs_jobs_and_stops_cleanly(worker_
     try:
         wait_for(lambda: _answers(port), timeout=90, interval=0.3, what="the web server")
         job_id = services.job_defer(task_name="record_run", args={}, queue=QUEUE).job_id
-        wait_for(lambda: scalar("SELECT state FROM skiplock_job WHERE job_id = %s", [job_id]) == "succeeded",
+        wait_for(lambda: scalar("SELECT state FROM skiplock_job_view WHERE job_id = %s", [job_id]) == "succeeded",
                  timeout=60, what="the in-web worker to run the job")
-        worker_name = scalar("SELECT worker_name FROM skiplock_job WHERE job_id = %s", [job_id])
+        worker_name = scalar("SELECT worker_name FROM skiplock_job_view WHERE job_id = %s", [job_id])
         assert worker_name.startswith("web-")
         server.send_signal(signal.SIGTERM)
         # uvicorn re-raises the signal it handled once its shutdown is complete.

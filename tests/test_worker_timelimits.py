@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_a_sync_task_past_its_soft_limit_gets_an_exception_it_can_catch(worker_tables: None) -> None:
     job_id = services.job_defer(task_name="soft_limited", args={"seconds": 10}, queue=QUEUE).job_id
     run_jobs(queues=[QUEUE])
-    record = query("SELECT state, error_type FROM skiplock_job WHERE job_id = %s", [job_id])[0]
+    record = query("SELECT state, error_type FROM skiplock_job_view WHERE job_id = %s", [job_id])[0]
     assert record == ("failed", "SoftTimeLimitExceeded")
     # The task caught the exception (and cleaned up) before re-raising it.
     assert scalar("SELECT count(*) FROM wtest_started WHERE job_id = %s AND attempt = -1", [job_id]) == 1
@@ -30,7 +30,7 @@ def test_a_sync_task_past_its_soft_limit_gets_an_exception_it_can_catch(worker_t
 def test_an_async_task_past_its_soft_limit_is_cancelled_and_recorded(worker_tables: None) -> None:
     job_id = services.job_defer(task_name="soft_limited_async", args={"seconds": 10}, queue=QUEUE).job_id
     run_jobs(queues=[QUEUE])
-    record = query("SELECT state, error_type, error_message FROM skiplock_job WHERE job_id = %s", [job_id])[0]
+    record = query("SELECT state, error_type, error_message FROM skiplock_job_view WHERE job_id = %s", [job_id])[0]
     assert record[:2] == ("failed", "SoftTimeLimitExceeded")
     assert "soft time limit exceeded (0.3 s)" in record[2]
     assert query("SELECT outcome FROM skiplock_job_attempt WHERE job_id = %s", [job_id]) == [("timed_out",)]
