@@ -202,14 +202,15 @@ class SkiplockWorker(Worker):
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
         self._stop_event.clear()
+        if self.sweep_on_start:
+            # Jobs orphaned by a crash come back as soon as any worker starts. (lean-data adapter: before
+            # pruning, so the dead workers' jobs are ended while their worker is still known.)
+            await until_connected(self._sweep, what="recovering stalled jobs", stop=self._stop_event)
         await until_connected(
             lambda: self.app.job_manager.prune_stalled_workers(self.stalled_worker_timeout),
             what="pruning dead workers", stop=self._stop_event,
         )
         await self._register()
-        if self.sweep_on_start:
-            # Jobs orphaned by a crash come back as soon as any worker starts.
-            await until_connected(self._sweep, what="recovering stalled jobs", stop=self._stop_event)
         self.run_task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
         loop_task = asyncio.create_task(self._run_loop(), name="worker loop")
