@@ -87,7 +87,7 @@ def fill(rows: int) -> float:
     queue_case = "CASE t " + " ".join(f"WHEN '{t}' THEN '{q}'" for t, q in QUEUES.items()) + " END"
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("TRUNCATE procrastinate_jobs, skiplock_job, skiplock_job_attempt CASCADE")
-        cursor.execute("SET session_replication_role = replica")  # triggers off: both tables written here
+        cursor.execute("SET session_replication_role = replica")  # procrastinate's event triggers off
         try:
             cursor.execute(
                 f"""
@@ -118,16 +118,12 @@ def fill(rows: int) -> float:
                 {"n": rows},
             )
             cursor.execute(
-                f"""
-                INSERT INTO skiplock_job (job_id, task_name, queue_name, priority, state, args, created_at,
-                    scheduled_at, started_at, finished_at, attempts, progress, step, error_type, error_message,
-                    error_traceback, worker_name, result)
-                SELECT i, t, {queue_case}, 0, s, jsonb_build_object('title', 'doc-' || i, 'points', i %% 500),
-                       created,
-                       CASE WHEN s = 'todo' AND i %% 10 = 0 THEN now() + interval '1 hour' END,
+                """
+                INSERT INTO skiplock_job (job_id, created_at, started_at, finished_at, progress, step, error_type,
+                    error_message, error_traceback, worker_name, result)
+                SELECT i, created,
                        CASE WHEN s <> 'todo' THEN created + interval '200 ms' END,
                        CASE WHEN s NOT IN ('todo', 'doing') THEN created + make_interval(secs => 0.2 + (i %% 997) / 100.0) END,
-                       CASE s WHEN 'todo' THEN 0 WHEN 'doing' THEN 1 WHEN 'failed' THEN 4 ELSE 1 END,
                        CASE s WHEN 'succeeded' THEN 100 WHEN 'doing' THEN i %% 100 ELSE 0 END,
                        CASE s WHEN 'succeeded' THEN 'done' WHEN 'doing' THEN 'embed ' || (i %% 10) || '/10' ELSE '' END,
                        CASE s WHEN 'failed' THEN 'ValueError' ELSE '' END,

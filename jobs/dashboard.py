@@ -1,7 +1,8 @@
 """Aggregate reads for the job console: each one walks an index, never the whole job table.
 
-Counts of waiting and running jobs are exact (the state index holds few such rows); counts of
-finished jobs are taken over a time window on the `finished_at` index, and the all-time numbers
+Counts of waiting and running jobs are exact (the queue's status index holds few such rows); counts
+of finished jobs are taken over a time window on the side rows' `finished_at` index joined to the
+queue rows by primary key, and the all-time numbers
 are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost nothing at any size.
 """
 
@@ -16,11 +17,9 @@ from django.db import connection
 from django.utils import timezone
 
 from jobs.registry import all_tasks, find_task
-from jobs.states import ACTIVE_STATES, FINAL_STATES, State
+from jobs.states import FINAL_STATES, State
 
 FAILURE_RATE_ALERT = 0.10
-# A worker is live while its heartbeat is younger than this many heartbeat intervals (at least 30 s).
-LIVE_HEARTBEATS = 3
 RECENTLY_DEAD = dt.timedelta(hours=24)
 
 
@@ -31,7 +30,8 @@ def _rows(sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
 
 
 def live_after() -> dt.timedelta:
-    return dt.timedelta(seconds=max(30.0, LIVE_HEARTBEATS * float(settings.SKIPLOCK_HEARTBEAT_INTERVAL)))
+    """A worker is live while its heartbeat is younger than this: the setting health and /metrics use."""
+    return dt.timedelta(seconds=float(settings.SKIPLOCK_WORKER_LIVE_AFTER))
 
 
 # --- cheap helpers for the job list ---------------------------------------------------------------
@@ -46,8 +46,8 @@ def estimated_total() -> int:
     rows = _rows(
         """
         SELECT CASE WHEN reltuples >= %s THEN reltuples::bigint
-                    ELSE (SELECT count(*) FROM (SELECT 1 FROM skiplock_job LIMIT %s) AS few) END
-        FROM pg_class WHERE oid = 'skiplock_job'::regclass
+                    ELSE (SELECT count(*) FROM (SELECT 1 FROM procrastinate_jobs LIMIT %s) AS few) END
+        FROM pg_class WHERE oid = 'procrastinate_jobs'::regclass
         """,
         [SMALL_TABLE, SMALL_TABLE * 2],
     )
@@ -58,13 +58,13 @@ def distinct_tasks_and_queues() -> tuple[list[str], list[str]]:
     """Every task and queue name in the table, by a loose index scan (one probe per name)."""
     sql = """
         WITH RECURSIVE
-        t(v) AS (SELECT min(task_name) FROM skiplock_job
+        t(v) AS (SELECT min(task_name) FROM procrastinate_jobs
                  UNION ALL
-                 SELECT (SELECT min(task_name) FROM skiplock_job WHERE task_name > t.v)
+                 SELECT (SELECT min(task_name) FROM procrastinate_jobs WHERE task_name > t.v)
                  FROM t WHERE t.v IS NOT NULL),
-        q(v) AS (SELECT min(queue_name) FROM skiplock_job
+        q(v) AS (SELECT min(queue_name) FROM procrastinate_jobs
                  UNION ALL
-                 SELECT (SELECT min(queue_name) FROM skiplock_job WHERE queue_name > q.v)
+                 SELECT (SELECT min(queue_name) FROM procrastinate_jobs WHERE queue_name > q.v)
                  FROM q WHERE q.v IS NOT NULL)
         SELECT 't', v FROM t WHERE v IS NOT NULL
         UNION ALL
@@ -113,13 +113,12 @@ def active_counts() -> dict[str, int]:
     """Exact counts of waiting and running jobs, split like the display states."""
     rows = _rows(
         """
-        SELECT state,
+        SELECT CASE WHEN status = 'doing' AND abort_requested THEN 'aborting' ELSE status::text END AS state,
                count(*) FILTER (WHERE scheduled_at > now() AND attempts = 0) AS scheduled,
-               count(*) FILTER (WHERE attempts > 0 AND state = 'todo') AS retrying,
+               count(*) FILTER (WHERE attempts > 0 AND status = 'todo') AS retrying,
                count(*)
-        FROM skiplock_job WHERE state = ANY(%s) GROUP BY state
+        FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY 1
         """,
-        [[s.value for s in ACTIVE_STATES]],
     )
     counts = {"todo": 0, "scheduled": 0, "retrying": 0, "doing": 0, "aborting": 0}
     for state, scheduled, retrying, total in rows:
@@ -153,12 +152,16 @@ def rollup(*, since: dt.datetime, bucket: str) -> Rollup:
         f"""
         SELECT GROUPING(b, queue_name, task_name, bin) AS g, b, state, queue_name, task_name, bin, count(*), max(secs)
         FROM (
-            SELECT date_trunc('{bucket}', finished_at) AS b, state, queue_name, task_name,
-                   extract(epoch FROM finished_at - started_at)::float8 AS secs,
-                   CASE WHEN state = 'succeeded' AND started_at IS NOT NULL THEN
-                        width_bucket(ln(greatest(extract(epoch FROM finished_at - started_at)::float8, %s)),
+            SELECT date_trunc('{bucket}', r.finished_at) AS b, j.status::text AS state, j.queue_name, j.task_name,
+                   extract(epoch FROM r.finished_at - r.started_at)::float8 AS secs,
+                   CASE WHEN j.status = 'succeeded' AND r.started_at IS NOT NULL THEN
+                        width_bucket(ln(greatest(extract(epoch FROM r.finished_at - r.started_at)::float8, %s)),
                                      ln(%s), ln(%s), %s) END AS bin
-            FROM skiplock_job WHERE finished_at >= %s
+            FROM skiplock_job r
+            -- one primary-key probe per finished job (OFFSET 0 keeps the planner from hashing the queue table)
+            CROSS JOIN LATERAL (SELECT q.status, q.queue_name, q.task_name FROM procrastinate_jobs q
+                                WHERE q.id = r.job_id OFFSET 0) AS j
+            WHERE r.finished_at >= %s AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
         ) AS w
         GROUP BY GROUPING SETS ((b, state), (queue_name, state), (task_name, state, bin))
         """,
@@ -228,14 +231,14 @@ def queue_summary(*, finished: dict[str, tuple[int, int]]) -> list[dict[str, Any
     """Per queue: waiting (runnable now), scheduled, running, and succeeded/failed in the window."""
     active = _rows(
         """
-        SELECT queue_name,
-               count(*) FILTER (WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())),
-               count(*) FILTER (WHERE state = 'todo' AND scheduled_at > now()),
-               count(*) FILTER (WHERE state IN ('doing', 'aborting')),
-               min(created_at) FILTER (WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now()))
-        FROM skiplock_job WHERE state = ANY(%s) GROUP BY queue_name
+        SELECT j.queue_name,
+               count(*) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())),
+               count(*) FILTER (WHERE j.status = 'todo' AND j.scheduled_at > now()),
+               count(*) FILTER (WHERE j.status = 'doing'),
+               min(r.created_at) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
+        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
+        WHERE j.status IN ('todo', 'doing') GROUP BY j.queue_name
         """,
-        [[s.value for s in ACTIVE_STATES]],
     )
     queues: dict[str, dict[str, Any]] = {}
     for spec in all_tasks():
@@ -279,7 +282,7 @@ def estimated_state_counts(total: int) -> dict[str, int]:
     rows = _rows(
         """
         SELECT most_common_vals::text::text[], most_common_freqs FROM pg_stats
-        WHERE schemaname = current_schema() AND tablename = 'skiplock_job' AND attname = 'state'
+        WHERE schemaname = current_schema() AND tablename = 'procrastinate_jobs' AND attname = 'status'
         """
     )
     if not rows or rows[0][0] is None:
@@ -291,10 +294,10 @@ def oldest_waiting() -> dict[str, Any] | None:
     """The runnable job that has waited longest (the head of the line is what users feel)."""
     rows = _rows(
         """
-        SELECT job_id, task_name, queue_name, COALESCE(scheduled_at, created_at) AS since
-        FROM skiplock_job
-        WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())
-        ORDER BY since LIMIT 1
+        SELECT j.id, j.task_name, j.queue_name, COALESCE(j.scheduled_at, r.created_at) AS since
+        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
+        WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+        ORDER BY since NULLS LAST LIMIT 1
         """
     )
     if not rows:
@@ -309,10 +312,10 @@ def running_jobs(*, limit: int = 500) -> list[dict[str, Any]]:
         """
         SELECT s.job_id, s.task_name, s.queue_name, s.started_at, s.worker_name, s.progress, s.step,
                w.last_heartbeat, pj.worker_id
-        FROM skiplock_job s
+        FROM skiplock_job_view s
         JOIN procrastinate_jobs pj ON pj.id = s.job_id
         LEFT JOIN procrastinate_workers w ON w.id = pj.worker_id
-        WHERE s.state IN ('doing', 'aborting')
+        WHERE s.status = 'doing'
         ORDER BY s.started_at LIMIT %s
         """,
         [limit],

@@ -40,7 +40,8 @@ from django.utils.module_loading import import_string
 
 from jobs import registry, services
 from jobs.context import current_job
-from jobs.models import JobAttempt, JobRecord
+from jobs.models import JobRecord
+from jobs.selectors import job_attempts
 from jobs.states import State
 
 # Stored state → Django's status. Waiting jobs (scheduled, retrying) are READY; an aborting
@@ -104,7 +105,7 @@ class SkiplockTaskBackend(BaseTaskBackend):
         task = _django_task(record.task_name) if record is not None else None
         if record is None or task is None:
             raise TaskResultDoesNotExist(result_id)
-        attempts = list(JobAttempt.objects.filter(job_id=job_id).order_by("number"))
+        attempts = job_attempts(job_id=job_id)  # the ended ones and the one running now
         status = STATUS_OF[State(record.state)]
         result: TaskResult[Any, Any] = TaskResult(
             task=task, id=str(job_id), status=status, enqueued_at=record.created_at,

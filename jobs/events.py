@@ -1,7 +1,9 @@
 """Live job events: one LISTEN connection per web process, fanned out to every Server-Sent Events stream.
 
-The database announces each change of a job's state, progress or step on the `skiplock_job`
-channel (triggers, migration 0002). `JobEventHub` holds the process's single LISTEN connection
+The writers (`jobs.transitions`, the worker) announce changes of a job's state, progress or step
+on the `skiplock_job` channel through `skiplock_announce`: one NOTIFY per statement, its payload a
+JSON array of {id, event, state, progress, step, attempts}, and none at all unless a listener is
+registered in `skiplock_listener` — the hub registers itself there while it listens. `JobEventHub` holds the process's single LISTEN connection
 (psycopg `AsyncConnection`, reconnected with backoff when it drops) and hands each notification
 to the streams following that job; a small shared pool (never one connection per client) reads
 snapshots. `job_event_stream` turns that into SSE text any async view can return:
@@ -43,13 +45,42 @@ LISTEN_KEEPALIVE = 30.0  # seconds between liveness probes of an idle LISTEN con
 
 _SNAPSHOT_SQL = """
 SELECT job_id, state, progress, step, attempts, scheduled_at, task_name, owner_id
-FROM skiplock_job WHERE job_id = ANY(%(ids)s)
+FROM skiplock_job_view WHERE job_id = ANY(%(ids)s)
 """
 _OUTCOME_SQL = """
 SELECT job_id, state, progress, step, attempts, scheduled_at, result,
        error_type, error_message, error_traceback, finished_at
-FROM skiplock_job WHERE job_id = %(id)s
+FROM skiplock_job_view WHERE job_id = %(id)s
 """
+# While this process listens, its row tells the writers to announce (skiplock_announce); it expires
+# unless refreshed, so a process that died stops costing NOTIFYs within LISTENER_TTL.
+LISTENER_TTL = 3 * 30.0
+_REGISTER_LISTENER = """
+INSERT INTO skiplock_listener (name, expires_at) VALUES (%(name)s, now() + make_interval(secs => %(ttl)s))
+ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+_FORGET_LISTENER = "DELETE FROM skiplock_listener WHERE name = %(name)s OR expires_at < now() - interval '1 hour'"
+
+
+def listener_name() -> str:
+    import os
+    import socket
+    import uuid
+
+    return f"events:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def parse_payload(raw: str) -> list[dict[str, Any]]:
+    """The events of one notification: a JSON array of job events (or, from older writers, one object)."""
+    payload = json.loads(raw)
+    items = payload if isinstance(payload, list) else [payload]
+    events = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ValueError("a job event is a JSON object")
+        int(item["id"])
+        events.append(item)
+    return events
 
 
 def _connection_params(application_name: str) -> dict[str, Any]:
@@ -96,6 +127,7 @@ class JobEventHub:
         self._pool_lock = asyncio.Lock()
         self.connects = 0  # how many times LISTEN was (re)established, for tests and metrics
         self.notifications = 0
+        self.listener_name = listener_name()
 
     # --- subscribers ---------------------------------------------------------------------------
 
@@ -130,14 +162,15 @@ class JobEventHub:
 
     def _dispatch(self, raw: str) -> None:
         try:
-            payload = json.loads(raw)
-            job_id = int(payload["id"])
+            events = parse_payload(raw)
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed %s notification", CHANNEL)
             return
         self.notifications += 1
-        for subscription in self._subscribers.get(job_id, ()):
-            subscription.push(job_id, payload)
+        for payload in events:
+            job_id = int(payload["id"])
+            for subscription in self._subscribers.get(job_id, ()):
+                subscription.push(job_id, payload)
 
     def _resync_all(self) -> None:
         for subscribers in self._subscribers.values():
@@ -166,6 +199,7 @@ class JobEventHub:
             try:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await self._register(conn)
                     self.connects += 1
                     if self.connects > 1:
                         logger.info("job events: LISTEN re-established")
@@ -175,7 +209,7 @@ class JobEventHub:
                     while True:
                         async for notify in conn.notifies(timeout=LISTEN_KEEPALIVE):
                             self._dispatch(notify.payload)
-                        await conn.execute("SELECT 1")  # an idle connection may have died silently
+                        await self._register(conn)  # also proves an idle connection is still alive
             except asyncio.CancelledError:
                 self._listening.clear()
                 raise
@@ -184,6 +218,17 @@ class JobEventHub:
             self._listening.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    async def _register(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Tell the writers someone listens (refreshed every LISTEN_KEEPALIVE seconds)."""
+        await conn.execute(_REGISTER_LISTENER, {"name": self.listener_name, "ttl": LISTENER_TTL})
+
+    async def _unregister(self) -> None:
+        with contextlib.suppress(Exception):
+            async with await psycopg.AsyncConnection.connect(
+                **_connection_params(LISTEN_APPLICATION_NAME), autocommit=True
+            ) as conn:
+                await conn.execute(_FORGET_LISTENER, {"name": self.listener_name})
 
     # --- snapshot reads ------------------------------------------------------------------------
 
@@ -215,6 +260,7 @@ class JobEventHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+            await self._unregister()
         if self._pool is not None:
             await self._pool.close()
 

@@ -1,8 +1,10 @@
 """Prometheus metrics at /metrics, read from the database at scrape time.
 
 Every web process reports the same numbers (they come from PostgreSQL, not from process memory),
-so a scrape of any replica is the whole truth. Counters are computed from the retained job
-history: pruning old jobs lowers them, which Prometheus treats as a counter reset.
+so a scrape of any replica is the whole truth. No scrape reads a whole table: waiting and running
+jobs are counted on the queue's status index, and what ended comes from small counter tables that
+whoever ends an attempt or a job increments in the same statement (`skiplock_count_ends`), so
+pruning old jobs never lowers a counter. Label sets are bounded (MAX_LABELS, then "other").
 Alert rules built on these live in docs/prometheus-alerts.yml.
 """
 
@@ -26,22 +28,28 @@ from jobs.states import State
 logger = logging.getLogger(__name__)
 
 # Seconds; job durations span milliseconds (no-op) to an hour (the default soft limit).
+# Keep in step with skiplock_count_ends (migration 0010), which fills the buckets.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# Label sets stay bounded whatever names jobs bring: the registry's queues and tasks, plus the
+# busiest others up to this many, the rest summed under "other".
+MAX_LABELS = 20
+OTHER = "other"
 
-_JOBS_BY_STATE = "SELECT queue_name, state, count(*) FROM skiplock_job GROUP BY 1, 2"
+# Waiting and running jobs, from the queue's status index (their number is the backlog, not the history).
+_ACTIVE_BY_STATE = """
+SELECT queue_name, CASE WHEN status = 'doing' AND abort_requested THEN 'aborting' ELSE status::text END, count(*)
+FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY 1, 2
+"""
+# Jobs that reached a final state: counters kept by the writers (skiplock_count_ends), never lowered.
+_FINAL_BY_STATE = "SELECT queue_name, state, sum(count)::bigint FROM skiplock_queue_stats GROUP BY 1, 2"
 _WAITING = """
-SELECT queue_name, count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(GREATEST(created_at, COALESCE(scheduled_at, created_at)))), 0)
-FROM skiplock_job
-WHERE state = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())
+SELECT j.queue_name, count(*),
+       COALESCE(EXTRACT(EPOCH FROM now() - min(GREATEST(r.created_at, COALESCE(j.scheduled_at, r.created_at)))), 0)
+FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
+WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
 GROUP BY 1
 """
-_ATTEMPTS = """
-SELECT j.task_name, a.outcome, count(*), COALESCE(sum(a.d), 0), {buckets}
-FROM (SELECT job_id, outcome, EXTRACT(EPOCH FROM finished_at - started_at)::float8 AS d
-      FROM skiplock_job_attempt WHERE finished_at IS NOT NULL) AS a
-JOIN skiplock_job j ON j.job_id = a.job_id
-GROUP BY 1, 2
-""".format(buckets=", ".join(f"count(*) FILTER (WHERE a.d <= {b})" for b in DURATION_BUCKETS))
+_ATTEMPTS = "SELECT task_name, outcome, count, seconds_sum, buckets FROM skiplock_task_stats"
 _WORKERS = """
 SELECT count(*) FILTER (WHERE last_heartbeat > now() - make_interval(secs => %s)), count(*)
 FROM procrastinate_workers
@@ -51,10 +59,18 @@ SELECT count(*) FROM procrastinate_jobs j LEFT JOIN procrastinate_workers w ON w
 WHERE j.status = 'doing' AND (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => %s))
 """
 _RUNNING = """
-SELECT j.task_name, EXTRACT(EPOCH FROM now() - a.started_at)::float8
-FROM skiplock_job j JOIN skiplock_job_attempt a ON a.job_id = j.job_id AND a.finished_at IS NULL
-WHERE j.state IN ('doing', 'aborting')
+SELECT j.task_name, EXTRACT(EPOCH FROM now() - (
+    SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started'))::float8
+FROM procrastinate_jobs j WHERE j.status = 'doing'
 """
+
+
+def bounded(counts: dict[str, float], keep: set[str], limit: int = MAX_LABELS) -> dict[str, str]:
+    """Map each name to itself or to "other": `keep` always stays, then the largest up to `limit`."""
+    ranked = sorted((name for name in counts if name not in keep), key=lambda name: (-counts[name], name))
+    room = max(0, limit - len(keep))
+    kept = keep | set(ranked[:room])
+    return {name: (name if name in kept else OTHER) for name in set(counts) | keep}
 
 
 class DatabaseCollector(Collector):
@@ -80,8 +96,10 @@ class DatabaseCollector(Collector):
     def _read(self) -> list[Metric]:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SET LOCAL statement_timeout = '10s'")
-            cursor.execute(_JOBS_BY_STATE)
+            cursor.execute(_ACTIVE_BY_STATE)
             by_state = cursor.fetchall()
+            cursor.execute(_FINAL_BY_STATE)
+            by_state += cursor.fetchall()
             cursor.execute(_WAITING)
             waiting = cursor.fetchall()
             cursor.execute(_ATTEMPTS)
@@ -100,9 +118,21 @@ class DatabaseCollector(Collector):
         ]
 
     def _jobs(self, by_state: list[Any], waiting: list[Any]) -> list[Metric]:
-        jobs = GaugeMetricFamily("skiplock_jobs", "Jobs kept in the database, by queue and state", labels=["queue", "state"])
-        seen = {(queue, state): count for queue, state, count in by_state}
-        queues = sorted({queue for queue, _ in seen} | {spec.queue for spec in all_tasks()})
+        jobs = GaugeMetricFamily(
+            "skiplock_jobs",
+            "Jobs by queue and state: waiting and running ones now, and those that reached a final state "
+            "(those never go down, pruning included)",
+            labels=["queue", "state"],
+        )
+        sizes: dict[str, float] = {}
+        for queue, _state, count in [*by_state, *((q, None, c) for q, c, _ in waiting)]:
+            sizes[queue] = sizes.get(queue, 0) + float(count)
+        label = bounded(sizes, {spec.queue for spec in all_tasks()})
+        seen: dict[tuple[str, str], int] = {}
+        for queue, state, count in by_state:
+            key = (label[queue], state)
+            seen[key] = seen.get(key, 0) + int(count)
+        queues = sorted(set(label.values()))
         for queue in queues:
             for state in State:  # every state, zeros included, so alerts and rates never see gaps
                 jobs.add_metric([queue, state.value], seen.get((queue, state.value), 0))
@@ -110,7 +140,10 @@ class DatabaseCollector(Collector):
         oldest = GaugeMetricFamily(
             "skiplock_oldest_waiting_job_age_seconds", "How long the oldest runnable job has waited", labels=["queue"]
         )
-        found = {queue: (count, age) for queue, count, age in waiting}
+        found: dict[str, tuple[int, float]] = {}
+        for queue, count, age in waiting:
+            previous = found.get(label[queue], (0, 0.0))
+            found[label[queue]] = (previous[0] + int(count), max(previous[1], float(age)))
         for queue in queues:
             count, age = found.get(queue, (0, 0.0))
             depth.add_metric([queue], count)
@@ -121,17 +154,28 @@ class DatabaseCollector(Collector):
         from prometheus_client.core import CounterMetricFamily
 
         processed = CounterMetricFamily(
-            "skiplock_jobs_processed", "Finished job attempts, by task and outcome", labels=["task", "outcome"]
-        )
-        durations = HistogramMetricFamily(
-            "skiplock_job_duration_seconds", "Duration of finished job attempts, by task and outcome",
+            "skiplock_jobs_processed", "Ended job attempts, by task and outcome (never lowered by pruning)",
             labels=["task", "outcome"],
         )
-        for task, outcome, count, total, *bucket_counts in rows:
+        durations = HistogramMetricFamily(
+            "skiplock_job_duration_seconds", "Duration of ended job attempts, by task and outcome",
+            labels=["task", "outcome"],
+        )
+        sizes: dict[str, float] = {}
+        for task, _outcome, count, *_ in rows:
+            sizes[task] = sizes.get(task, 0) + float(count)
+        label = bounded(sizes, {spec.name for spec in all_tasks()})
+        totals: dict[tuple[str, str], list[Any]] = {}
+        for task, outcome, count, seconds, buckets in rows:
+            entry = totals.setdefault((label[task], outcome), [0, 0.0, [0] * len(DURATION_BUCKETS)])
+            entry[0] += int(count)
+            entry[1] += float(seconds)
+            entry[2] = [a + int(b) for a, b in zip(entry[2], list(buckets or [])[:len(DURATION_BUCKETS)], strict=False)]
+        for (task, outcome), (count, total, bucket_counts) in sorted(totals.items()):
             processed.add_metric([task, outcome], count)
             buckets = [(str(bound), value) for bound, value in zip(DURATION_BUCKETS, bucket_counts, strict=True)]
             buckets.append(("+Inf", count))
-            durations.add_metric([task, outcome], buckets, float(total))
+            durations.add_metric([task, outcome], buckets, total)
         return [processed, durations]
 
     def _workers(self, live: int, total: int, stalled: int) -> list[Metric]:

@@ -214,6 +214,7 @@ class Listener(models.Model):
     expires_at = models.DateTimeField()
 
     class Meta:
+        managed = False  # created by migration 0010; runtime state, left alone by test flushes
         db_table = "skiplock_listener"
 
     def __str__(self) -> str:

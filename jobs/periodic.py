@@ -39,6 +39,7 @@ from croniter import croniter  # type: ignore[import-untyped,unused-ignore]
 from django.conf import settings
 from django.db import connection
 
+from jobs import transitions
 from jobs.registry import TaskSpec, find_task, get_task
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _last_defers(keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str,
                    d.task_name, d.periodic_id, d.defer_timestamp, d.job_id, r.state, r.finished_at,
                    COALESCE(NULLIF(r.error_type, '') || ': ' || left(r.error_message, 200), '')
             FROM procrastinate_periodic_defers d
-            LEFT JOIN skiplock_job r ON r.job_id = d.job_id
+            LEFT JOIN skiplock_job_view r ON r.job_id = d.job_id
             WHERE (d.task_name, d.periodic_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
             ORDER BY d.task_name, d.periodic_id, d.defer_timestamp DESC
             """,
@@ -193,11 +194,6 @@ def _last_defers(keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str,
 
 # --- deferring: the side task every worker runs ---------------------------------------------------
 
-_DEFER_TICK = """
-SELECT procrastinate_defer_periodic_job_v2(
-    %(queue)s, NULL, %(queueing_lock)s, %(task_name)s, %(priority)s, %(periodic_id)s, %(tick)s, %(args)s::jsonb
-) AS job_id
-"""
 
 _LOCK_SCHEDULE = """
 SELECT pg_advisory_xact_lock(hashtext('skiplock-periodic:' || %(task_name)s || ':' || %(periodic_id)s));
@@ -251,11 +247,22 @@ async def defer_tick(connector: Any, schedule: Schedule, tick: int, *, heal: boo
                                spec.name, tick)
         try:
             async with conn.transaction():
-                await cur.execute(_DEFER_TICK, params)
+                await cur.execute(transitions.PERIODIC_DEFER, params)
                 row = await cur.fetchone()
         except errors.UniqueViolation:
-            logger.info("periodic %s: tick %s skipped, a job with its queueing lock is waiting", spec.name, tick)
-            return None
+            # A job holding the queueing lock that is not due (e.g. run_at in year 9999) would block
+            # every tick for ever: it is cancelled and the tick takes its place.
+            async with conn.transaction():
+                await cur.execute(transitions.PERIODIC_REPLACE_NOT_DUE, params)
+                replaced = await cur.fetchone()
+            if not replaced or not replaced["count"]:
+                logger.info("periodic %s: tick %s skipped, a job with its queueing lock is waiting", spec.name, tick)
+                return None
+            logger.warning("periodic %s: a job holding its queueing lock was not due; cancelled it for tick %s",
+                           spec.name, tick)
+            async with conn.transaction():
+                await cur.execute(transitions.PERIODIC_DEFER, params)
+                row = await cur.fetchone()
     job_id = row["job_id"] if row else None
     if job_id:
         logger.info("periodic %s%s: deferred job %s for tick %s", spec.name,

@@ -35,7 +35,7 @@ def job_attempts(*, job_id: int) -> list[JobAttempt]:
             started_at = cursor.fetchone()[0]
         attempts.append(JobAttempt(
             job_id=job_id, number=(attempts[-1].number if attempts else 0) + 1, worker_name=record.worker_name,
-            started_at=started_at or record.started_at, finished_at=None, outcome=JobAttempt.Outcome.RUNNING,
+            started_at=started_at or record.started_at or dt.datetime.now(dt.UTC), finished_at=None, outcome=JobAttempt.Outcome.RUNNING,
             error_type="", error_message="", error_traceback="",
         ))
     return attempts

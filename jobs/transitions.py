@@ -178,7 +178,7 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
 
 
 def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
-    params = {
+    params: dict[str, Any] = {
         "queues": [p.queue for p in items],
         "tasks": [p.task_name for p in items],
         "priorities": [p.priority for p in items],

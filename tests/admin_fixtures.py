@@ -26,8 +26,8 @@ def make_user(username: str, *, perms: tuple[str, ...] = (), superuser: bool = F
 
 def insert_jobs(count: int, *, task: str = "deploy_stack", queue: str = "default", status: str = "todo",
                 args: dict[str, Any] | None = None) -> list[int]:
-    """Rows straight into procrastinate_jobs (the triggers add the records), then moved to `status`
-    the way procrastinate would: todo → doing → final, so attempts and timings are filled in."""
+    """Rows straight into procrastinate_jobs with their side rows, then moved to `status` the way
+    procrastinate would (todo → doing → final), with the timings the writers record."""
     import json
 
     with connection.cursor() as cursor:
@@ -37,13 +37,17 @@ def insert_jobs(count: int, *, task: str = "deploy_stack", queue: str = "default
             [queue, task, json.dumps(args or {}), count],
         )
         ids = [row[0] for row in cursor.fetchall()]
+        cursor.execute("INSERT INTO skiplock_job (job_id) SELECT unnest(%s::bigint[])", [ids])
         if status != "todo":
             cursor.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = ANY(%s)", [ids])
         if status not in ("todo", "doing"):
             cursor.execute(
-                "UPDATE procrastinate_jobs SET status = %s::procrastinate_job_status, attempts = 1 WHERE id = ANY(%s)",
+                "UPDATE procrastinate_jobs SET status = %s::procrastinate_job_status, attempts = 1, worker_id = NULL "
+                "WHERE id = ANY(%s)",
                 [status, ids],
             )
+            cursor.execute("UPDATE skiplock_job SET started_at = now(), finished_at = now() WHERE job_id = ANY(%s)",
+                           [ids])
     return ids
 
 

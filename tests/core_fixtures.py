@@ -173,16 +173,21 @@ def clean_queue(transactional_db: None) -> Iterator[None]:
 
 @pytest.fixture
 def listener() -> Iterator[psycopg.Connection[Any]]:
-    """A psycopg connection LISTENing on the skiplock_job channel, as the API's SSE stream does."""
+    """A psycopg connection LISTENing on the skiplock_job channel and registered as a listener, as
+    the API's event hub does (writers announce only while a listener is registered)."""
     with psycopg.connect(**connector_params("default"), autocommit=True) as conn:
         conn.execute("LISTEN skiplock_job")
+        conn.execute("INSERT INTO skiplock_listener (name, expires_at) VALUES ('tests', now() + interval '1 hour') "
+                     "ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at")
         yield conn
+        conn.execute("DELETE FROM skiplock_listener WHERE name = 'tests'")
 
 
 def drain(conn: psycopg.Connection[Any], timeout: float = 0.3) -> list[dict[str, Any]]:
-    import json
+    """The job events received so far, in order (a notification carries a batch of them)."""
+    from jobs.events import parse_payload
 
-    return [json.loads(n.payload) for n in conn.notifies(timeout=timeout)]
+    return [event for n in conn.notifies(timeout=timeout) for event in parse_payload(n.payload)]
 
 
 @pytest.fixture

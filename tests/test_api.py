@@ -62,6 +62,27 @@ def test_starting_a_job_answers_202_with_its_urls_and_commits_it(client: httpx.C
     assert record.owner_id is None
 
 
+def test_a_start_takes_one_statement_after_authentication(api_key: str, django_assert_num_queries: Any) -> None:
+    """The lean start path: the key lookup, then one INSERT of the queue row and its side row (its
+    own transaction); an idempotency key adds one read of the keys."""
+    from django.test import Client
+
+    http = Client(HTTP_AUTHORIZATION=f"Bearer {api_key}")
+    body = {"task": "deploy_stack", "args": FAST_DEPLOY}
+    http.post("/api/jobs", body, content_type="application/json")  # records the key's last use (once a minute)
+    with django_assert_num_queries(2) as captured:
+        response = http.post("/api/jobs", body, content_type="application/json")
+    assert response.status_code == 202, response.content
+    assert "INSERT INTO procrastinate_jobs" in captured.captured_queries[-1]["sql"]
+    with django_assert_num_queries(3):
+        response = http.post("/api/jobs", {**body, "idempotency_key": "lean-1"}, content_type="application/json")
+    assert response.status_code == 202, response.content
+    with django_assert_num_queries(2):  # the same key again: answered from the read, nothing inserted
+        again = http.post("/api/jobs", {**body, "idempotency_key": "lean-1"}, content_type="application/json")
+    assert again.json()["id"] == response.json()["id"]
+    assert JobRecord.objects.count() == 3
+
+
 def test_start_options_place_the_job(client: httpx.Client) -> None:
     run_at = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
     body = start(client, queue="reports", priority=7, run_at=run_at).json()

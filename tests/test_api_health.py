@@ -139,13 +139,40 @@ def test_metrics_show_stalled_and_overdue_running_jobs(asgi_server: str) -> None
         cursor.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id")
         worker_id = cursor.fetchone()[0]
         cursor.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s WHERE id = %s", [worker_id, job_id])
-        cursor.execute("UPDATE skiplock_job_attempt SET started_at = now() - interval '2 hours' WHERE job_id = %s", [job_id])
+        # The running attempt started when procrastinate recorded its `started` event.
+        cursor.execute("UPDATE procrastinate_events SET at = now() - interval '2 hours' "
+                       "WHERE job_id = %s AND type = 'started'", [job_id])
     found = samples(httpx.get(f"{asgi_server}/metrics").text)
     assert found[("skiplock_stalled_jobs", ())] == 1
     assert found[("skiplock_jobs_running", (("task", "deploy_stack"),))] == 1
     assert found[("skiplock_jobs_past_soft_limit", (("task", "deploy_stack"),))] == 1
     assert found[("skiplock_running_job_max_age_seconds", (("task", "deploy_stack"),))] >= 7200
     assert found[("skiplock_workers_registered", ())] == 1
+
+
+def test_metrics_counters_survive_pruning_and_label_sets_stay_bounded(asgi_server: str) -> None:
+    from jobs.maintenance import prune_finished_jobs
+    from jobs.metrics import MAX_LABELS
+    from jobs.services import DeferRequest, job_defer_batch
+
+    job_defer_batch(requests=[DeferRequest("optimize_route", {"points": 10})])
+    run_jobs(queues=["cpu"])
+    job_defer_batch(requests=[
+        DeferRequest("optimize_route", {"points": 10}, queue=f"q{i:04d}", delay_seconds=3600) for i in range(1000)
+    ])
+    before = samples(httpx.get(f"{asgi_server}/metrics").text)
+    assert before[("skiplock_jobs_processed_total", (("outcome", "succeeded"), ("task", "optimize_route")))] == 1
+    queues = {dict(labels)["queue"] for (name, labels) in before if name == "skiplock_jobs"}
+    assert len(queues) <= MAX_LABELS + 1
+    assert "other" in queues
+    assert before[("skiplock_jobs", (("queue", "other"), ("state", "todo")))] > 900
+
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE skiplock_job SET finished_at = now() - interval '30 days' WHERE finished_at IS NOT NULL")
+    assert prune_finished_jobs(older_than=3600).deleted == 1
+    after = samples(httpx.get(f"{asgi_server}/metrics").text)
+    assert after[("skiplock_jobs_processed_total", (("outcome", "succeeded"), ("task", "optimize_route")))] == 1
+    assert after[("skiplock_jobs", (("queue", "cpu"), ("state", "succeeded")))] == 1
 
 
 def test_the_alert_rules_use_metrics_that_exist(asgi_server: str) -> None:

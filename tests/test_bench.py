@@ -70,7 +70,7 @@ def test_processing_drains_skiplock_and_bare_procrastinate_and_the_sql_loop(benc
             assert positive(row["sql"]["rate"])
     # The Skiplock drains went through the real recording path: records and attempts exist and succeeded.
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FILTER (WHERE state <> 'succeeded'), count(*) FROM skiplock_job")
+        cursor.execute("SELECT count(*) FILTER (WHERE state <> 'succeeded'), count(*) FROM skiplock_job_view")
         not_succeeded, total = cursor.fetchone()
     assert total >= bench.size.min_jobs
     assert not_succeeded == 0

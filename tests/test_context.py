@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
-from procrastinate.contrib.django.utils import connector_params
 
 from jobs import services
 from jobs.models import JobAttempt, JobRecord
 from jobs.testing import run_jobs
 from tests import core_fixtures
-from tests.core_fixtures import wait_for_state, worker_in_background
+from tests.core_fixtures import drain, wait_for_state, worker_in_background
 
+listener = core_fixtures.listener
 write_counter = core_fixtures.write_counter
-
-
-@pytest.fixture
-def listener() -> Iterator[psycopg.Connection[Any]]:
-    """A connection LISTENing on skiplock_job, registered as a listener as the web's event hub does."""
-    with psycopg.connect(**connector_params("default"), autocommit=True) as conn:
-        conn.execute("LISTEN skiplock_job")
-        conn.execute("INSERT INTO skiplock_listener (name, expires_at) VALUES ('test-context', now() + interval '1 hour') "
-                     "ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at")
-        try:
-            yield conn
-        finally:
-            conn.execute("DELETE FROM skiplock_listener WHERE name = 'test-context'")
-
-
-def drain(conn: psycopg.Connection[Any], timeout: float = 0.3) -> list[dict[str, Any]]:
-    """Every job event received, in order (a notification carries a batch of them)."""
-    events: list[dict[str, Any]] = []
-    for notification in conn.notifies(timeout=timeout):
-        payload = json.loads(notification.payload)
-        events.extend(payload if isinstance(payload, list) else [payload])
-    return events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 clean_queue = core_fixtures.clean_queue
@@ -74,9 +51,9 @@ def test_ten_thousand_progress_reports_make_few_writes_and_the_last_value_is_sto
     events = [n for n in drain(listener) if n["id"] == job.job_id]
     progress = [(n["progress"], n["step"]) for n in events if n["event"] == "progress"]
     assert 2 <= len(progress) <= 15, progress
-    # The last value reported was announced, then the success made it 100.
+    # The last value reported was announced, then the end of the attempt announced it at 100.
     assert progress[-1] == (99, "item 10000")
-    assert (events[-1]["state"], events[-1]["progress"], events[-1]["step"]) == ("succeeded", 100, "item 10000")
+    assert (events[-1]["event"], events[-1]["state"], events[-1]["progress"]) == ("state", "succeeded", 100)
 
 
 def test_a_failing_task_keeps_the_last_progress_it_reported(write_counter: Callable[[int], int]) -> None:

@@ -271,6 +271,8 @@ class JobRecordAdmin(admin.ModelAdmin):
 
     @admin.display(description="age", ordering="created_at")
     def age(self, obj: JobRecord) -> str:
+        if obj.created_at is None:  # a job deferred by procrastinate itself has no side row
+            return "—"
         seconds = (timezone.now() - obj.created_at).total_seconds()
         return format_html('<time datetime="{}" title="{}">{}</time>', obj.created_at.isoformat(),
                            obj.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"), short_duration(seconds))
@@ -434,7 +436,7 @@ class JobRecordAdmin(admin.ModelAdmin):
             "console_nav": _nav(request),
             "duration": short_duration(duration.total_seconds()) if duration is not None else "—",
             "waited": short_duration((record.started_at - record.created_at).total_seconds())
-            if record.started_at else None,
+            if record.started_at and record.created_at else None,
             "actions": actions,
             "api_url": f"/api/jobs/{record.job_id}",
             "events_url": f"/api/jobs/{record.job_id}/events",

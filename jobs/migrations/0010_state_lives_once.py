@@ -6,8 +6,8 @@
 - `skiplock_job` keeps only what procrastinate has no column for (model `JobSide`); the state-copy
   columns and the indexes only they needed go. `skiplock_job_view` joins both by primary key under
   the old names (model `JobRecord`, read-only).
-- Indexes on procrastinate_jobs for the admin/API filters, newest first: (status, id DESC),
-  (task_name, id DESC), (queue_name, id DESC).
+- Indexes on procrastinate_jobs for the admin/API filters, newest first: (status, id DESC) over
+  finished jobs only, and (task_name, id DESC); queue filters use procrastinate's own index.
 - `skiplock_announce(jsonb)`: one NOTIFY on `skiplock_job` per call (split under 8000 bytes),
   only while a listener is registered in `skiplock_listener`.
 - `skiplock_count_ends(...)`: set-based counters of ended attempts per task and outcome, and of jobs
@@ -45,7 +45,7 @@ SELECT j.id AS job_id,
        COALESCE(r.started_at, CASE WHEN j.status = 'doing' THEN (
            SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started'
        ) END) AS started_at,
-       CASE WHEN j.status IN ('succeeded', 'failed', 'cancelled', 'aborted') THEN r.finished_at END AS finished_at,
+       r.finished_at,  -- NULL unless the job is final (its writers see to it): the index serves filters
        j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END AS attempts,
        COALESCE(r.progress, 0)::smallint AS progress,
        COALESCE(r.step, '') AS step,
@@ -147,9 +147,12 @@ ALTER TABLE skiplock_job
     + VIEW
     + ";\n"
     + r"""
-CREATE INDEX skiplock_pj_status_id_idx ON procrastinate_jobs (status, id DESC);
+-- Filters newest first. Waiting and running jobs are served by procrastinate's partial indexes
+-- (status todo/doing), queues by its queue_name index; finished states get a partial index, so a
+-- claim (todo → doing) adds no entry to it.
+CREATE INDEX skiplock_pj_final_id_idx ON procrastinate_jobs (status, id DESC)
+    WHERE status IN ('succeeded', 'failed', 'cancelled', 'aborted');
 CREATE INDEX skiplock_pj_task_id_idx ON procrastinate_jobs (task_name, id DESC);
-CREATE INDEX skiplock_pj_queue_id_idx ON procrastinate_jobs (queue_name, id DESC);
 """
     + FUNCTIONS
 )
@@ -157,9 +160,8 @@ CREATE INDEX skiplock_pj_queue_id_idx ON procrastinate_jobs (queue_name, id DESC
 BACKWARD = r"""
 DROP FUNCTION IF EXISTS skiplock_count_ends(text[], text[], text[], text[], float8[]);
 DROP FUNCTION IF EXISTS skiplock_announce(jsonb);
-DROP INDEX IF EXISTS skiplock_pj_status_id_idx;
+DROP INDEX IF EXISTS skiplock_pj_final_id_idx;
 DROP INDEX IF EXISTS skiplock_pj_task_id_idx;
-DROP INDEX IF EXISTS skiplock_pj_queue_id_idx;
 DROP VIEW IF EXISTS skiplock_job_view;
 ALTER TABLE skiplock_job
     ADD COLUMN task_name varchar(128) NOT NULL DEFAULT '',
@@ -273,13 +275,18 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # Unmanaged: registrations are runtime state (a test flush must not drop a live hub's row).
+        migrations.RunSQL(
+            "CREATE TABLE skiplock_listener (name varchar(255) PRIMARY KEY, expires_at timestamptz NOT NULL)",
+            "DROP TABLE skiplock_listener",
+        ),
         migrations.CreateModel(
             name="Listener",
             fields=[
                 ("name", models.CharField(max_length=255, primary_key=True, serialize=False)),
                 ("expires_at", models.DateTimeField()),
             ],
-            options={"db_table": "skiplock_listener"},
+            options={"db_table": "skiplock_listener", "managed": False},
         ),
         migrations.CreateModel(
             name="QueueStat",

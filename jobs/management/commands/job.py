@@ -167,7 +167,7 @@ class Command(BaseCommand):
         table = [("ID", "TASK", "STATE", "QUEUE", "PROGRESS", "ATTEMPTS", "CREATED")]
         for r in rows:
             table.append((str(r.job_id), r.task_name, label(r.display_state), r.queue_name,
-                          f"{r.progress}%", str(r.attempts), f"{r.created_at:%Y-%m-%d %H:%M:%S}"))
+                          f"{r.progress}%", str(r.attempts), f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "—"))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for number, row in enumerate(table):
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]

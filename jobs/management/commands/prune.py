@@ -45,8 +45,9 @@ class Command(BaseCommand):
         if dry_run:
             with connection.cursor() as cursor:
                 cursor.execute(
-                    "SELECT count(*) FROM skiplock_job WHERE finished_at < now() - make_interval(secs => %s) "
-                    "AND state IN ('succeeded', 'failed', 'cancelled', 'aborted')",
+                    "SELECT count(*) FROM skiplock_job r JOIN procrastinate_jobs j ON j.id = r.job_id "
+                    "WHERE r.finished_at < now() - make_interval(secs => %s) "
+                    "AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')",
                     [age],
                 )
                 count = cursor.fetchone()[0]
