@@ -760,7 +760,8 @@ FROM claimed c
 # End many attempts of one worker in one statement. Per row (parallel arrays): the attempt
 # (id, attempts as claimed), the end `status` — succeeded, failed, aborted, `todo` (a retry at
 # retry_at, with optional new priority/queue/lock) or `requeue` (back to todo without using up a
-# retry: shutdown release, a claim nobody ran) — the attempt's `outcome` for its history row, the
+# retry: shutdown release) or `release` (a job claimed ahead that never started: back to todo,
+# no attempt row, nothing counted) — the attempt's `outcome` for its history row, the
 # result or error, the claim time, and the last progress the job reported (NULL: none pending).
 #   ended:   the queue rows, fenced per row on (doing, worker, attempts as claimed); with
 #            finish_job_v1 / retry_job_v2 semantics (attempts + 1, abort_requested cleared, an
@@ -785,10 +786,10 @@ WITH input AS (
 ),
 ended AS (
     UPDATE procrastinate_jobs j
-    SET status = (CASE WHEN i.status = 'requeue' THEN 'todo'
+    SET status = (CASE WHEN i.status IN ('requeue', 'release') THEN 'todo'
                        WHEN i.status = 'todo' AND j.abort_requested THEN 'failed'
                        ELSE i.status END)::procrastinate_job_status,
-        attempts = j.attempts + CASE WHEN i.status = 'requeue' THEN 0 ELSE 1 END,
+        attempts = j.attempts + CASE WHEN i.status IN ('requeue', 'release') THEN 0 ELSE 1 END,
         abort_requested = false,
         worker_id = NULL,
         scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
@@ -797,7 +798,7 @@ ended AS (
         queue_name = CASE WHEN i.status = 'todo' THEN COALESCE(i.queue, j.queue_name) ELSE j.queue_name END,
         lock = CASE WHEN i.status = 'todo' THEN COALESCE(i.lock, j.lock) ELSE j.lock END,
         queueing_lock = CASE
-            WHEN i.status IN ('todo', 'requeue') AND j.queueing_lock IS NOT NULL AND EXISTS (
+            WHEN i.status IN ('todo', 'requeue', 'release') AND j.queueing_lock IS NOT NULL AND EXISTS (
                 SELECT 1 FROM procrastinate_jobs q
                 WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
             ) THEN NULL
@@ -827,7 +828,7 @@ side AS (
         error_message = CASE WHEN x.asked = 'requeue' THEN r.error_message ELSE COALESCE(x.error_message, '') END,
         error_traceback = CASE WHEN x.asked = 'requeue' THEN r.error_traceback ELSE COALESCE(x.traceback, '') END
     FROM result x
-    WHERE r.job_id = x.id
+    WHERE r.job_id = x.id AND x.asked <> 'release'
 ),
 side_missing AS (
     INSERT INTO skiplock_job (job_id, started_at, finished_at, worker_name, result, progress, step,
@@ -838,7 +839,7 @@ side_missing AS (
            COALESCE(x.step, ''), now(),
            COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
     FROM result x
-    WHERE NOT EXISTS (SELECT 1 FROM skiplock_job r WHERE r.job_id = x.id)
+    WHERE x.asked <> 'release' AND NOT EXISTS (SELECT 1 FROM skiplock_job r WHERE r.job_id = x.id)
     ON CONFLICT (job_id) DO NOTHING
 ),
 attempt AS (
@@ -848,6 +849,7 @@ attempt AS (
            %(worker_name)s, x.started_at, now(), x.outcome,
            COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
     FROM result x
+    WHERE x.asked <> 'release'
 ),
 woken AS (
     SELECT DISTINCT c.channel
@@ -861,7 +863,8 @@ wake AS (
 ),
 stats AS (
     SELECT skiplock_count_ends(
-        array_agg(x.task_name::text), array_agg(x.queue_name::text), array_agg(x.outcome),
+        array_agg(x.task_name::text), array_agg(x.queue_name::text),
+        array_agg(CASE WHEN x.asked <> 'release' THEN x.outcome END),
         array_agg(CASE WHEN x.final THEN x.state END),
         array_agg(extract(epoch FROM now() - x.started_at)::float8)
     ) AS counted,

@@ -25,6 +25,7 @@ new one, and the old attempts' late writes match nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -136,6 +137,7 @@ class Worker:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         flush_window: float = FLUSH_WINDOW,
         flush_max: int = FLUSH_MAX,
+        prefetch: int | None = None,
     ) -> None:
         if queues and maintenance.MAINTENANCE_QUEUE not in queues:
             queues = [*queues, maintenance.MAINTENANCE_QUEUE]  # every worker can run maintenance
@@ -158,11 +160,16 @@ class Worker:
         self.on_event = on_event
         self.flush_window = flush_window
         self.flush_max = flush_max
+        # Jobs claimed ahead of a free slot, so a slot that frees starts its next job at once instead
+        # of waiting for a round trip. Bounded (a buffered job is `doing`: it holds its lock and
+        # another worker cannot take it), none below concurrency 4.
+        self.prefetch = min(concurrency // 4, 8) if prefetch is None else prefetch
 
         self.worker_id: int | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.jobs_left_running = 0  # sync jobs still running in threads after shutdown
         self._running: dict[int, Running] = {}
+        self._buffer: collections.deque[recording.Claimed] = collections.deque()  # claimed, not started
         self._pending: list[recording.Ending] = []
         self._flush_due = asyncio.Event()
         self._db_lock = asyncio.Lock()  # one claim/finish round trip at a time
@@ -293,13 +300,14 @@ class Worker:
         delays = backoff_delays()
         while not self._stop.is_set():
             wake = self._wake
-            free = self.concurrency - len(self._running)
+            free = self._wanted()
             if free > 0 and (more or wake.notified):
                 wake.notified = wake.slot_freed = False
-                if self._pending and self._running and self.flush_window > 0:
-                    # Neighbours finishing right now share this round trip.
-                    await asyncio.sleep(self.flush_window)
-                    free = self.concurrency - len(self._running)
+                if self._pending and self._running:
+                    # Neighbours finishing in this same loop iteration share the round trip (and
+                    # those finishing while it is in flight share the next one): no waiting here.
+                    await asyncio.sleep(0)
+                    free = self._wanted()
                 try:
                     claimed = await self._finish_and_claim(free)
                 except Exception as exc:
@@ -310,15 +318,18 @@ class Worker:
                     continue
                 delays = backoff_delays()
                 for job in claimed:
-                    self._start(job)
+                    if len(self._running) < self.concurrency and not self._buffer:
+                        self._start(job)
+                    else:
+                        self._buffer.append(job)
                 self._send_reports()  # before any of them runs: a job stuck in C must be known
                 more = len(claimed) == free
                 if more:
                     continue
-                if not claimed and not self.wait and not self._running:
+                if not claimed and not self.wait and not self._running and not self._buffer:
                     return  # drained: nothing runnable, nothing running
             wake.event.clear()
-            free = self.concurrency - len(self._running)
+            free = self._wanted()
             if not (wake.slot_freed or (wake.notified and free > 0) or self._stop.is_set()):
                 try:
                     await asyncio.wait_for(wake.event.wait(), timeout=self.poll_interval)
@@ -328,6 +339,10 @@ class Worker:
                 wake.slot_freed = False
                 if not self.wait:
                     more = True  # a drain-and-exit worker tries again whenever a job ends (lock chains)
+
+    def _wanted(self) -> int:
+        """How many jobs to claim now: the free slots, plus what keeps the prefetch buffer full."""
+        return self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
 
     async def _finish_and_claim(self, n: int) -> list[recording.Claimed]:
         """Finish what is pending and claim up to `n` jobs: one round trip, one transaction."""
@@ -386,7 +401,7 @@ class Worker:
         cursor = await conn.execute(transitions.HELD_BY_WORKER, {"worker_id": self.worker_id})
         held = {row[0]: row[1] for row in await cursor.fetchall()}
         pending = {ending.job.id for ending in self._pending}
-        orphans = sorted(set(held) - set(self._running) - pending)
+        orphans = sorted(set(held) - set(self._running) - pending - {job.id for job in self._buffer})
         if orphans:
             logger.warning("jobs %s were claimed by this worker in a round trip whose answer was lost; "
                            "requeueing them", orphans)
@@ -400,6 +415,7 @@ class Worker:
 
     async def _register_again(self, why: str) -> None:
         logger.error("%s (it looked dead to the others); registering again", why)
+        self._buffer.clear()  # taken back with the rest
         for running in self._running.values():
             self._write_off(running, "taken_back")
         if self._pending:  # fenced on the old registration, they would match nothing
@@ -453,12 +469,15 @@ class Worker:
             ending = recording.succeeded(job, running.started_at, recording.encode_result(value))
         except asyncio.CancelledError as exc:
             ending = self._cancelled(running, spec, procrastinate_task, exc)
+        except GeneratorExit:
+            raise  # this coroutine is being closed (its loop is gone): nothing to record
         except BaseException as exc:  # SystemExit, KeyboardInterrupt…: this job's failure, never the worker's
             ending = recording.failed(job, running.started_at, exc, policy=spec.retry if spec else None,
                                       procrastinate_task=procrastinate_task,
                                       abort_requested=running.ctx.abort_requested)
         finally:
-            _current.reset(token)
+            with contextlib.suppress(ValueError):  # closed from another context when its loop is gone
+                _current.reset(token)
         self._job_done(running, ending)
 
     def _arguments(self, running: Running, procrastinate_task: Any) -> dict[str, Any]:
@@ -519,6 +538,9 @@ class Worker:
                 assert self._loop is not None
                 self._loop.call_soon(self._send_reports)
             self._reports.append(f"e {job_id}\n")
+        if self._buffer and not self._stop.is_set():
+            self._start(self._buffer.popleft())  # the slot's next job, claimed ahead
+            self._send_reports()
         if ending is not None and running.written_off and ending.status != "requeue":
             logger.info("job %s was taken back from this worker while it ran; its outcome (%s) is dropped",
                         job_id, ending.status)
@@ -567,6 +589,15 @@ class Worker:
 
     def _abort_requested(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
+            buffered = next((job for job in self._buffer if job.id == job_id), None)
+            if buffered is not None:  # never started: it ends aborted without running
+                self._buffer.remove(buffered)
+                self._pending.append(recording.Ending(
+                    job=buffered, status="aborted", outcome="aborted", started_at=dt.datetime.now(dt.UTC),
+                    error_type="JobAborted", error_message="aborted before it started", traceback="",
+                ))
+                self._flush_due.set()
+                continue
             running = self._running.get(job_id)
             if running is None or running.ctx.abort_requested:
                 continue
@@ -683,7 +714,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.abort_poll_interval)
             now = time.monotonic()
-            if not self._running and now - last_beat < self.heartbeat_interval:
+            if not self._running and not self._buffer and now - last_beat < self.heartbeat_interval:
                 continue
             try:
                 await self._beat()
@@ -702,11 +733,10 @@ class Worker:
     async def _beat(self) -> None:
         assert self.pool is not None
         beating_as = self.worker_id
-        running = list(self._running.values())
+        held = [r.job for r in self._running.values()] + list(self._buffer)
         async with self.pool.connection() as conn:
             cursor = await _execute(conn, _HEARTBEAT, {
-                "worker_id": beating_as, "ids": [r.job.id for r in running],
-                "attempts": [r.job.attempts for r in running],
+                "worker_id": beating_as, "ids": [job.id for job in held], "attempts": [job.attempts for job in held],
             })
             row = await cursor.fetchone()
         assert row is not None
@@ -714,6 +744,8 @@ class Worker:
         if to_abort:
             self._abort_requested(list(to_abort))
         for job_id in not_ours:
+            for buffered in [b for b in self._buffer if b.id == job_id]:
+                self._buffer.remove(buffered)
             job = self._running.get(job_id)
             if job is not None and not job.written_off:
                 logger.error("job %s was taken back from this worker (it looked dead); stopping its run here", job_id)
@@ -788,6 +820,10 @@ class Worker:
 
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, side: list[asyncio.Task[Any]]) -> None:
+        while self._buffer:  # claimed ahead, never started: back to the queue, no attempt recorded
+            job = self._buffer.popleft()
+            self._pending.append(recording.Ending(job=job, status="release", outcome="released",
+                                                  started_at=dt.datetime.now(dt.UTC)))
         if self._running and not self._force_stop.is_set():
             logger.info("waiting up to %.0f s for %d running job(s)", self.shutdown_grace, len(self._running))
             tasks = [r.task for r in self._running.values() if r.task is not None]
