@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -44,8 +45,7 @@ def test_a_job_claimed_ahead_starts_the_moment_a_slot_frees() -> None:
     with WorkerThread(queues=["core-tests"], concurrency=1, prefetch=3):
         for job_id in ids:
             wait_for_state(job_id, "succeeded", timeout=30)
-    results = [JobRecord.objects.get(pk=job_id).result for job_id in ids]
-    assert all(r is not None for r in results)
+    results = [JobRecord.objects.get(pk=job_id).result or {} for job_id in ids]
     # One slot: each started after the one before it finished.
-    for before, after in zip(results, results[1:], strict=False):
+    for before, after in itertools.pairwise(results):
         assert after["started"] >= before["finished"]
