@@ -7,8 +7,9 @@
         run_jobs()
         assert JobRecord.objects.get(pk=job_id).state == "succeeded"
 
-The jobs run exactly as in production (the worker, its middleware, the database triggers),
-against the real database, until no runnable job is left. Use a transactional test (the
+The jobs run exactly as in production (the worker loop, its claim and finish statements),
+against the real database, until no runnable job is left. A task's SystemExit or
+KeyboardInterrupt is that job's failure; it never escapes into the test. Use a transactional test (the
 worker reads committed rows on its own connections).
 
 `WorkerThread` keeps a real worker running beside the test instead, for tests that watch a
