@@ -108,6 +108,10 @@ def measure(bench: Bench, system: System, jobs: int, postmaster: int | None) -> 
         cpu_worker = cpu_seconds([worker.pid]) - cpu_worker0
         cpu_db = (cpu_seconds(server_pids(postmaster)) - cpu_db0) if postmaster else None
         polls = system.polls - polls_before
+        # A backend reports its transaction and WAL counts lazily (at most once a second, or when
+        # it ends): stop the worker first, so every commit it made is counted.
+        procs.stop()
+        time.sleep(0.5)
         with target.connect(system.database) as conn:
             after = db_counters(conn)
             trips = round_trips(conn)
