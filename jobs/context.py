@@ -51,6 +51,8 @@ class _Progress:
 
 @dataclass
 class JobContext:
+    """What a running job sees (`current_job()`, or its first argument when it asks for one)."""
+
     job_id: int
     attempt: int  # 1 on the first run
     task_name: str
@@ -61,7 +63,7 @@ class JobContext:
     started_monotonic: float = field(default_factory=time.monotonic)
     # Called (from any thread) when progress becomes pending: the worker schedules a write.
     _on_progress: Callable[[], None] | None = field(default=None, repr=False)
-    _progress: _Progress = field(default_factory=_Progress, repr=False)
+    _progress: _Progress | None = field(default=None, repr=False)  # made at the first report
     abort_requested: bool = False  # set by the worker when it learns of an abort request
     soft_limit_hit: bool = False
     thread_id: int | None = field(default=None, repr=False)
@@ -75,6 +77,8 @@ class JobContext:
         if self.soft_limit_hit:
             raise SoftTimeLimitExceeded(f"job {self.job_id} ran past its soft time limit")
         progress = self._progress
+        if progress is None:  # only the job's own thread reports: no race creating it
+            progress = self._progress = _Progress()
         with progress.lock:
             progress.percent = int(percent)
             if step is not None:
@@ -84,6 +88,10 @@ class JobContext:
             progress.dirty = True
         if self._on_progress is not None:
             self._on_progress()
+
+    def take_progress(self) -> tuple[int, str | None] | None:
+        """The progress reported since the last take, if any (for the worker's writes)."""
+        return self._progress.take() if self._progress is not None else None
 
     def should_abort(self) -> bool:
         """True once an abort of this job was requested (cheap: no database round trip)."""

@@ -546,7 +546,7 @@ class Worker:
                         job_id, ending.status)
             ending = None
         if ending is not None:
-            pending = running.ctx._progress.take()
+            pending = running.ctx.take_progress()
             if pending is not None:
                 ending.progress, ending.step = pending
             self._pending.append(ending)
@@ -636,7 +636,7 @@ class Worker:
         assert self.pool is not None
         try:
             while running.task is not None and not running.task.done():
-                taken = running.ctx._progress.take()
+                taken = running.ctx.take_progress()
                 if taken is None:
                     return
                 params = {"job_id": running.job.id, "worker_id": self.worker_id, "attempts": running.job.attempts,
