@@ -7,7 +7,7 @@
         run_jobs()
         assert JobRecord.objects.get(pk=job_id).state == "succeeded"
 
-The jobs run exactly as in production (the worker loop, its claim and finish statements),
+The jobs run exactly as in production (the worker loop and its statements in `jobs.transitions`),
 against the real database, until no runnable job is left. A task's SystemExit or
 KeyboardInterrupt is that job's failure; it never escapes into the test. Use a transactional test (the
 worker reads committed rows on its own connections).
@@ -154,13 +154,9 @@ def _queue_filter(queues: list[str] | None) -> tuple[str, list[Any]]:
 
 
 def _make_scheduled_runnable(queues: list[str] | None) -> None:
-    where, params = _queue_filter(queues)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE procrastinate_jobs SET scheduled_at = now() "
-            "WHERE status = 'todo' AND scheduled_at > now()" + where,
-            params,
-        )
+    from jobs.transitions import make_runnable_now
+
+    make_runnable_now(queues=queues)
 
 
 def _waiting(queues: list[str] | None, *, runnable_only: bool = False) -> bool:

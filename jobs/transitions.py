@@ -413,6 +413,24 @@ def is_final(state: str) -> bool:
     return state in FINAL_STATES
 
 
+_MAKE_RUNNABLE = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j SET scheduled_at = now()
+    WHERE j.status = 'todo' AND j.scheduled_at > now() AND (%(queues)s::text[] IS NULL OR j.queue_name = ANY(%(queues)s))
+    RETURNING j.*
+)
+SELECT count(*), (SELECT skiplock_announce(jsonb_agg({event}))
+                  FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id)
+FROM moved
+"""
+
+
+def make_runnable_now(*, queues: Sequence[str] | None = None) -> int:
+    """Every scheduled job (of these queues) runnable now — for the testing helper; returns how many."""
+    row = _run(_MAKE_RUNNABLE, {"queues": list(queues) if queues else None})
+    return int(row[0]) if row else 0
+
+
 # --- ending attempts: one fenced, set-based statement ----------------------------------------------
 
 

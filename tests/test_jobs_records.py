@@ -29,6 +29,7 @@ def test_a_succeeded_job_records_result_progress_timings_attempt_and_worker() ->
     assert record.result == {"job_id": job.job_id, "attempt": 1, "task_name": "tests.core.echo",
                              "value": 5, "label": "x", "sync": True}
     assert record.error is None
+    assert record.created_at is not None  # the defer statement wrote the side row
     assert record.started_at is not None
     assert record.finished_at is not None
     assert before <= record.created_at <= record.started_at <= record.finished_at

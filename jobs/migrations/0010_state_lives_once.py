@@ -7,7 +7,7 @@
   columns and the indexes only they needed go. `skiplock_job_view` joins both by primary key under
   the old names (model `JobRecord`, read-only).
 - Indexes on procrastinate_jobs for the admin/API filters, newest first: (status, id DESC) over
-  finished jobs only, and (task_name, id DESC); queue filters use procrastinate's own index.
+  finished jobs only, (task_name, id DESC) and (queue_name, id DESC).
 - `skiplock_announce(jsonb)`: one NOTIFY on `skiplock_job` per call (split under 8000 bytes),
   only while a listener is registered in `skiplock_listener`.
 - `skiplock_count_ends(...)`: set-based counters of ended attempts per task and outcome, and of jobs
@@ -147,12 +147,13 @@ ALTER TABLE skiplock_job
     + VIEW
     + ";\n"
     + r"""
--- Filters newest first. Waiting and running jobs are served by procrastinate's partial indexes
--- (status todo/doing), queues by its queue_name index; finished states get a partial index, so a
--- claim (todo → doing) adds no entry to it.
+-- Filters newest first, without a sort whatever the filter's selectivity. Waiting and running jobs
+-- are served by procrastinate's partial indexes (status todo/doing); finished states get a partial
+-- index, so a claim (todo → doing) adds no entry to it.
 CREATE INDEX skiplock_pj_final_id_idx ON procrastinate_jobs (status, id DESC)
     WHERE status IN ('succeeded', 'failed', 'cancelled', 'aborted');
 CREATE INDEX skiplock_pj_task_id_idx ON procrastinate_jobs (task_name, id DESC);
+CREATE INDEX skiplock_pj_queue_id_idx ON procrastinate_jobs (queue_name, id DESC);
 """
     + FUNCTIONS
 )
@@ -162,6 +163,7 @@ DROP FUNCTION IF EXISTS skiplock_count_ends(text[], text[], text[], text[], floa
 DROP FUNCTION IF EXISTS skiplock_announce(jsonb);
 DROP INDEX IF EXISTS skiplock_pj_final_id_idx;
 DROP INDEX IF EXISTS skiplock_pj_task_id_idx;
+DROP INDEX IF EXISTS skiplock_pj_queue_id_idx;
 DROP VIEW IF EXISTS skiplock_job_view;
 ALTER TABLE skiplock_job
     ADD COLUMN task_name varchar(128) NOT NULL DEFAULT '',
