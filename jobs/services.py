@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate.contrib.django.django_connector import DjangoConnector
@@ -28,9 +29,10 @@ from jobs.exceptions import (
     JobNotFound,
 )
 from jobs.models import JobRecord
-from jobs.registry import TaskSpec, get_task
+from jobs.registry import MAX_PRIORITY, MIN_PRIORITY, TaskSpec, get_startable_task, queue_problem
 from jobs.states import FINAL_STATES, State
 
+# How far ahead a job may be scheduled, by `delay_seconds` or `run_at` alike.
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 
 
@@ -52,6 +54,14 @@ class DeferRequest:
     delay_seconds: float | None = None
     idempotency_key: str | None = None
     owner_id: int | None = None
+    api_key_id: int | None = None  # the API key that starts the job, if one does
+
+    @property
+    def started_by(self) -> str:
+        """The principal, and so the scope of the idempotency key: key:<id>, user:<id>, or "" (code)."""
+        if self.api_key_id is not None:
+            return f"key:{self.api_key_id}"
+        return f"user:{self.owner_id}" if self.owner_id is not None else ""
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     prepared = _prepare_all(requests)
     with transaction.atomic():
         existing = _existing_by_key([r for r, _, _ in prepared])
-        to_insert = [(r, spec, job) for r, spec, job in prepared if r.idempotency_key not in existing]
+        to_insert = [(r, spec, job) for r, spec, job in prepared if _key_of(r) not in existing]
         inserted: list[procrastinate_jobs.Job] = []
         if to_insert:
             try:
@@ -108,8 +118,8 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     by_key = iter(inserted)
     results: list[DeferredJob] = []
     for request, _spec, job in prepared:
-        if request.idempotency_key in existing:
-            results.append(existing[request.idempotency_key])
+        if _key_of(request) in existing:
+            results.append(existing[_key_of(request)])
             continue
         done = next(by_key)
         assert done.id is not None
@@ -127,7 +137,7 @@ def _prepare_all(requests: Sequence[DeferRequest]) -> list[tuple[DeferRequest, T
     problems: list[dict[str, Any]] = []
     for index, request in enumerate(requests):
         try:
-            spec = get_task(request.task_name)
+            spec = get_startable_task(request.task_name)
             prepared.append((request, spec, _build_job(request, spec)))
         except InvalidArguments as exc:
             if len(requests) == 1:
@@ -136,7 +146,7 @@ def _prepare_all(requests: Sequence[DeferRequest]) -> list[tuple[DeferRequest, T
                 problems.append({**detail, "field": f"jobs.{index}.{detail['field']}"})
     if problems:
         raise InvalidArguments(f"{len(problems)} invalid field(s) in the batch; no job was started", details=problems)
-    keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    keys = [_key_of(r) for r in requests if r.idempotency_key]
     if len(keys) != len(set(keys)):
         raise InvalidArguments(
             "the same idempotency key appears twice in one batch",
@@ -149,28 +159,37 @@ def _build_job(request: DeferRequest, spec: TaskSpec) -> procrastinate_jobs.Job:
     args = spec.validate(request.args)
     problems = []
     queue = request.queue if request.queue is not None else spec.queue
-    if not queue or len(queue) > 128:
-        problems.append({"field": "queue", "message": "must be 1 to 128 characters", "type": "value_error"})
+    queue_bad = queue_problem(queue)
+    if queue_bad:
+        problems.append({"field": "queue", "message": queue_bad, "type": "value_error"})
     priority = request.priority if request.priority is not None else spec.priority
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
-        problems.append({"field": "priority", "message": "must be a 32-bit integer", "type": "value_error"})
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        problems.append({"field": "priority", "message": f"must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}",
+                         "type": "value_error"})
     scheduled_at = None
+    now = dt.datetime.now(dt.UTC)
+    latest = now + dt.timedelta(seconds=MAX_DELAY_SECONDS)
     if request.run_at is not None and request.delay_seconds is not None:
         problems.append({"field": "run_at", "message": "give run_at or delay_seconds, not both", "type": "value_error"})
     elif request.run_at is not None:
         if request.run_at.tzinfo is None:
             problems.append({"field": "run_at", "message": "must include a time zone (e.g. Z or +02:00)", "type": "value_error"})
+        elif request.run_at > latest:
+            # A job far in the future would hold its `lock` against every job that is due.
+            problems.append({"field": "run_at", "message": f"must be at most {MAX_DELAY_SECONDS // 86400} days from now",
+                             "type": "value_error"})
         scheduled_at = request.run_at
     elif request.delay_seconds is not None:
-        if not 0 <= request.delay_seconds <= MAX_DELAY_SECONDS:
-            problems.append({"field": "delay_seconds", "message": f"must be from 0 to {MAX_DELAY_SECONDS}", "type": "value_error"})
+        delay = request.delay_seconds
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
+            problems.append({"field": "delay_seconds", "message": f"must be a number from 0 to {MAX_DELAY_SECONDS}",
+                             "type": "value_error"})
         else:
-            scheduled_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=request.delay_seconds)
+            scheduled_at = now + dt.timedelta(seconds=delay)
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 255:
         problems.append({"field": "idempotency_key", "message": "must be 1 to 255 characters", "type": "value_error"})
-    for name, text in (("queue", queue), ("idempotency_key", request.idempotency_key)):
-        if isinstance(text, str) and "\x00" in text:
-            problems.append({"field": name, "message": "cannot hold NUL characters", "type": "value_error"})
+    if isinstance(request.idempotency_key, str) and "\x00" in request.idempotency_key:
+        problems.append({"field": "idempotency_key", "message": "cannot hold NUL characters", "type": "value_error"})
     try:
         lock, queueing_lock = spec.lock_for(args), spec.queueing_lock_for(args)
     except (KeyError, IndexError) as exc:
@@ -186,21 +205,30 @@ def _build_job(request: DeferRequest, spec: TaskSpec) -> procrastinate_jobs.Job:
     )
 
 
-def _existing_by_key(requests: Sequence[DeferRequest]) -> dict[str, DeferredJob]:
-    keys = {r.idempotency_key: r for r in requests if r.idempotency_key}
-    if not keys:
+def _key_of(request: DeferRequest) -> tuple[str, str | None]:
+    """An idempotency key as it is unique: per principal."""
+    return request.started_by, request.idempotency_key
+
+
+def _existing_by_key(requests: Sequence[DeferRequest]) -> dict[tuple[str, str | None], DeferredJob]:
+    """The jobs the same principals already started under these idempotency keys (never another's)."""
+    keyed = {_key_of(r): r for r in requests if r.idempotency_key}
+    if not keyed:
         return {}
-    found: dict[str, DeferredJob] = {}
-    for record in JobRecord.objects.filter(idempotency_key__in=list(keys)):
-        request = keys[record.idempotency_key or ""]
-        args = get_task(request.task_name).validate(request.args)
+    wanted = Q()
+    for started_by, key in keyed:
+        wanted |= Q(started_by=started_by, idempotency_key=key)
+    found: dict[tuple[str, str | None], DeferredJob] = {}
+    for record in JobRecord.objects.filter(wanted):
+        request = keyed[(record.started_by, record.idempotency_key)]
+        args = get_startable_task(request.task_name).validate(request.args)
         if record.task_name != request.task_name or record.args != args:
             raise IdempotencyConflict(
-                f"idempotency key '{record.idempotency_key}' was used for job {record.job_id} "
-                f"({record.task_name}) with other arguments",
+                f"idempotency key '{record.idempotency_key}' was used for your job {record.job_id} "
+                f"({record.task_name}) with other arguments; use a new key for a new job",
                 details={"job_id": record.job_id, "idempotency_key": record.idempotency_key},
             )
-        found[record.idempotency_key or ""] = DeferredJob(
+        found[_key_of(request)] = DeferredJob(
             job_id=record.job_id, task_name=record.task_name, queue=record.queue_name,
             state=record.state, scheduled_at=record.scheduled_at, created=False,
         )
@@ -208,18 +236,18 @@ def _existing_by_key(requests: Sequence[DeferRequest]) -> dict[str, DeferredJob]
 
 
 def _annotate(pairs: list[tuple[DeferRequest, int | None]]) -> None:
-    """Store what the queue row cannot hold (idempotency key, owner) on the new records."""
-    rows = [(job_id, r.idempotency_key, r.owner_id) for r, job_id in pairs if r.idempotency_key or r.owner_id]
+    """Store what the queue row cannot hold (idempotency key, owner, who started it) on the new records."""
+    rows = [(job_id, r.idempotency_key, r.owner_id, r.started_by) for r, job_id in pairs if r.idempotency_key or r.started_by]
     if not rows:
         return
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            UPDATE skiplock_job AS j SET idempotency_key = v.key, owner_id = v.owner
-            FROM unnest(%s::bigint[], %s::text[], %s::bigint[]) AS v(id, key, owner)
+            UPDATE skiplock_job AS j SET idempotency_key = v.key, owner_id = v.owner, started_by = v.started_by
+            FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[]) AS v(id, key, owner, started_by)
             WHERE j.job_id = v.id
             """,
-            [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]],
+            [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]],
         )
 
 
