@@ -224,7 +224,7 @@ def _existing_by_key(requests: Sequence[DeferRequest]) -> dict[tuple[str, str | 
         args = get_startable_task(request.task_name).validate(request.args)
         if record.task_name != request.task_name or record.args != args:
             raise IdempotencyConflict(
-                f"idempotency key '{record.idempotency_key}' was used for your job {record.job_id} "
+                f"idempotency key '{record.idempotency_key}' was used for job {record.job_id} "
                 f"({record.task_name}) with other arguments; use a new key for a new job",
                 details={"job_id": record.job_id, "idempotency_key": record.idempotency_key},
             )
