@@ -182,7 +182,7 @@ def _build_job(request: DeferRequest, spec: TaskSpec) -> procrastinate_jobs.Job:
     elif request.delay_seconds is not None:
         delay = request.delay_seconds
         if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
-            problems.append({"field": "delay_seconds", "message": f"must be a number from 0 to {MAX_DELAY_SECONDS}",
+            problems.append({"field": "delay_seconds", "message": f"must be from 0 to {MAX_DELAY_SECONDS} (a number)",
                              "type": "value_error"})
         else:
             scheduled_at = now + dt.timedelta(seconds=delay)
