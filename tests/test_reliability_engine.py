@@ -168,6 +168,15 @@ def test_a_recorded_tick_whose_job_vanished_is_deferred_again(worker_tables: Non
         periodic._SCHEDULES.pop(("record_run", "t1495"), None)
 
 
+def maintenance_job(*, scheduled_at: Any) -> int:
+    """A waiting `skiplock.maintenance` job holding its queueing lock, inserted as procrastinate would."""
+    return int(scalar(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, queueing_lock, args, scheduled_at) "
+        "VALUES ('skiplock', 'skiplock.maintenance', 0, 'skiplock-maintenance', '{}', %s) RETURNING id",
+        [scheduled_at],
+    ))
+
+
 def test_a_periodic_tick_replaces_a_lock_holder_that_is_not_due(worker_tables: None) -> None:
     """Hardening item 2: a `skiplock.maintenance` started for year 9999 must not block its ticks."""
     import datetime as dt
@@ -176,9 +185,8 @@ def test_a_periodic_tick_replaces_a_lock_holder_that_is_not_due(worker_tables: N
 
     maintenance_module.ensure_schedule()
     schedule = periodic._SCHEDULES[(maintenance_module.MAINTENANCE_TASK, "")]
-    squatter = services.job_defer(
-        task_name=maintenance_module.MAINTENANCE_TASK, run_at=dt.datetime(9999, 1, 1, tzinfo=dt.UTC),
-    ).job_id
+    # Started before internal tasks were refused and run_at capped (or by procrastinate itself).
+    squatter = maintenance_job(scheduled_at=dt.datetime(9999, 1, 1, tzinfo=dt.UTC))
     tick = schedule.previous_tick(time.time())
 
     async def scenario() -> int | None:
@@ -203,7 +211,7 @@ def test_a_periodic_tick_still_skips_when_a_due_job_holds_its_lock(worker_tables
 
     maintenance_module.ensure_schedule()
     schedule = periodic._SCHEDULES[(maintenance_module.MAINTENANCE_TASK, "")]
-    waiting = services.job_defer(task_name=maintenance_module.MAINTENANCE_TASK).job_id
+    waiting = maintenance_job(scheduled_at=None)
     tick = schedule.previous_tick(time.time())
 
     async def scenario() -> int | None:
