@@ -15,12 +15,12 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import psycopg
 import psycopg_pool
 from asgiref.sync import sync_to_async
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
 from django.db import (
     DatabaseError,
     DataError,
@@ -35,17 +35,18 @@ from ninja import NinjaAPI, Query
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.responses import Status
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from jobs import services
-from jobs.auth import API_AUTH, Principal, principal_of
+from jobs.auth import API_AUTH, Principal, manages_jobs, principal_of
 from jobs.events import end_event_id, job_event_stream
 from jobs.exceptions import InvalidArguments, JobNotFound, SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import all_tasks
+from jobs.registry import find_task, known_queues, startable_tasks
 from jobs.schemas import (
     AttemptListOut,
     ErrorOut,
+    IsoDateTime,
     JobBatchIn,
     JobBatchOut,
     JobOut,
@@ -58,7 +59,7 @@ from jobs.schemas import (
     task_components,
 )
 from jobs.selectors import job_attempts, job_get, job_max_attempts, state_filter
-from jobs.states import FINAL_STATES, DisplayState
+from jobs.states import FINAL_STATES, DisplayState, State
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,15 @@ def _describe(exc: Exception) -> tuple[int, str, str, Any]:
         return 413, "body_too_large", f"the request body is over {settings.SKIPLOCK_MAX_BODY_BYTES} bytes", {
             "max_bytes": settings.SKIPLOCK_MAX_BODY_BYTES
         }
+    if isinstance(exc, TooManyFieldsSent):
+        from django.conf import settings
+
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+        return 400, "too_many_parameters", (
+            f"the request has more than {limit} query parameters or form fields; send at most {limit}"
+        ), {"max_parameters": limit}
+    if isinstance(exc, SuspiciousOperation):
+        return 400, "bad_request", f"the request was refused: {exc}", None
     if isinstance(exc, Http404):
         return 404, "not_found", "not found", None
     if isinstance(exc, IntegrityError | psycopg.IntegrityError):
@@ -301,12 +311,36 @@ def _utc(run_at: dt.datetime | None, field: str) -> dt.datetime | None:
         ) from None
 
 
-def _defer_request(item: JobStartIn, principal: Principal, field: str = "run_at") -> services.DeferRequest:
+def _defer_request(item: JobStartIn, principal: Principal, prefix: str = "") -> services.DeferRequest:
+    _check_placement(item, principal, prefix)
     return services.DeferRequest(
-        task_name=item.task, args=item.args, queue=item.queue, priority=item.priority, run_at=_utc(item.run_at, field),
-        delay_seconds=item.delay_seconds, idempotency_key=item.idempotency_key,
+        task_name=item.task, args=item.args, queue=item.queue, priority=item.priority,
+        run_at=_utc(item.run_at, f"{prefix}run_at"), delay_seconds=item.delay_seconds,
+        idempotency_key=item.idempotency_key,
         owner_id=principal.user_id if principal.kind == "user" else None,
+        api_key_id=principal.key_id if principal.kind == "key" else None,
     )
+
+
+def _check_placement(item: JobStartIn, principal: Principal, prefix: str) -> None:
+    """Another priority than the task's, or a queue nobody declared, is for managers only.
+
+    A high priority with a far `run_at` let any starter hold a task's `lock` against everyone's
+    jobs; free queue names grew every per-queue view and metric (issue 13 items 1 and 5).
+    """
+    spec = find_task(item.task)
+    if spec is None or manages_jobs(principal):
+        return  # an unknown task is the service's 404
+    needs = "needs the 'manage' scope (or, signed in, the change permission on jobs)"
+    if item.priority is not None and item.priority != spec.priority:
+        raise AuthorizationError(
+            message=f"{prefix}priority: choosing a job's priority {needs}; leave it out to use the task's ({spec.priority})"
+        )
+    if item.queue is not None and item.queue != spec.queue and item.queue not in known_queues():
+        known = ", ".join(sorted(known_queues()))
+        raise AuthorizationError(
+            message=f"{prefix}queue: '{item.queue}' is not a known queue ({known}); a new queue {needs}"
+        )
 
 
 # --- tasks ------------------------------------------------------------------------------------------
@@ -316,7 +350,7 @@ def _defer_request(item: JobStartIn, principal: Principal, field: str = "run_at"
 def list_tasks(request: HttpRequest) -> dict[str, Any]:
     """Every task that can be started: argument JSON schema, queue, priority, retry and time limits."""
     principal_of(request).require("read")
-    return {"tasks": [spec.describe() for spec in all_tasks()]}
+    return {"tasks": [spec.describe() for spec in startable_tasks()]}
 
 
 # --- starting jobs -------------------------------------------------------------------------------------
@@ -351,7 +385,7 @@ def start_jobs(request: HttpRequest, payload: JobBatchIn) -> Status:
     """Start up to 1,000 jobs in one request: all valid or none started; one round trip for the inserts."""
     principal = principal_of(request)
     principal.require("start")
-    requests = [_defer_request(item, principal, f"jobs.{i}.run_at") for i, item in enumerate(payload.jobs)]
+    requests = [_defer_request(item, principal, f"jobs.{i}.") for i, item in enumerate(payload.jobs)]
     jobs = services.job_defer_batch(requests=requests)
     return Status(202, {"jobs": [_start_out(job) for job in jobs]})
 
@@ -359,14 +393,36 @@ def start_jobs(request: HttpRequest, payload: JobBatchIn) -> Status:
 # --- reading jobs ---------------------------------------------------------------------------------------
 
 
+def _stored_state(value: Any) -> Any:
+    """`state` is the stored state: a display-only state gets a pointer to `display_state`."""
+    if value in (DisplayState.SCHEDULED, DisplayState.RETRYING):
+        raise ValueError(f"'{value}' is a display state (its stored state is todo): filter with display_state={value}")
+    return value
+
+
 class JobFilters(StrictSchema):
     task: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00]*$")
     queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00]*$")
-    state: list[DisplayState] | None = Field(default=None, description="repeat to match any of several states")
-    created_after: dt.datetime | None = None
-    created_before: dt.datetime | None = None
+    state: list[Annotated[State, BeforeValidator(_stored_state)]] | None = Field(
+        default=None, description="the stored state (the `state` field); repeat to match any of several",
+    )
+    display_state: list[DisplayState] | None = Field(
+        default=None, description="the display state (the `display_state` field: scheduled, retrying, ...); repeatable",
+    )
+    created_after: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
+    created_before: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_=-]*$")
+
+
+def reject_unknown_parameters(request: HttpRequest, schema: type[StrictSchema]) -> None:
+    """422 naming each query parameter the endpoint does not know (a typo must not widen a filter)."""
+    unknown = sorted(set(request.GET) - set(schema.model_fields))
+    if unknown:
+        raise InvalidArguments(
+            f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(schema.model_fields)}",
+            details=[{"field": name, "message": "unknown query parameter", "type": "extra_forbidden"} for name in unknown],
+        )
 
 
 def encode_cursor(job_id: int) -> str:
@@ -400,7 +456,9 @@ def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[s
     if filters.queue:
         query = query.filter(queue_name=filters.queue)
     if filters.state:
-        query = query.filter(state_filter(*filters.state))
+        query = query.filter(state__in=filters.state)
+    if filters.display_state:
+        query = query.filter(state_filter(*filters.display_state))
     if filters.created_after:
         query = query.filter(created_at__gte=_aware(filters.created_after))
     if filters.created_before:
@@ -434,9 +492,13 @@ def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[s
 
 @api.get("/jobs", response={200: JobPageOut, **COMMON}, tags=["jobs"], summary="List jobs")
 def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any]:
-    """Newest first; filter by task, queue, state (display states too), creation time; cursor pagination."""
+    """Newest first; filter by task, queue, state, display state, creation time; cursor pagination.
+
+    An unknown query parameter is a `422` naming it.
+    """
     principal = principal_of(request)
     principal.require("read")
+    reject_unknown_parameters(request, JobFilters)
     jobs, next_cursor = jobs_page(filters, owner_id=principal.owner_filter)
     return {"jobs": jobs, "next_cursor": next_cursor}
 
@@ -575,6 +637,7 @@ class StreamFilters(StrictSchema):
 )
 async def jobs_events(request: HttpRequest, filters: Query[StreamFilters]) -> HttpResponseBase:
     """One stream for several jobs: each job's events carry its id; closes when all have ended."""
+    reject_unknown_parameters(request, StreamFilters)
     job_ids = list(dict.fromkeys(int(part) for part in filters.ids.split(",")))
     if len(job_ids) > MAX_STREAM_JOBS:
         raise InvalidArguments(

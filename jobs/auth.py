@@ -145,3 +145,11 @@ def read_access(request: HttpRequest) -> Principal | None:
     if user is not None and user.is_authenticated and user.is_staff:
         return Principal(kind="user", name=user.get_username(), scopes=frozenset(), user_id=user.pk, is_staff=True)
     return None
+
+
+def manages_jobs(principal: Principal) -> bool:
+    """Whether the caller may place jobs as it likes (any priority, a new queue): who may retry any job.
+
+    That is a `manage` key, or a user with the right to act on every job (issue 13 item 1).
+    """
+    return principal.may("retry")

@@ -27,7 +27,7 @@ from typing import Any
 from django.conf import settings
 
 from jobs import transitions
-from jobs.registry import NO_RETRY, RetryPolicy, find_task, task
+from jobs.registry import INTERNAL_PRIORITY, NO_RETRY, RetryPolicy, find_task, task
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run_maintenance() -> dict[str, Any]:
 @task(
     name=MAINTENANCE_TASK,
     queue=MAINTENANCE_QUEUE,
-    priority=1000,
+    priority=INTERNAL_PRIORITY,
     retry=NO_RETRY,
     queueing_lock="skiplock-maintenance",
     soft_time_limit=600,

@@ -37,6 +37,9 @@ class JobSide(models.Model):
     error_traceback = models.TextField(blank=True, default="", db_default="")
     worker_name = models.CharField(max_length=255, blank=True, default="", db_default="")
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    # Issue 13 item 4 (migration 0005): who started the job — "key:<id>", "user:<id>", or "" for
+    # code and commands. An idempotency key is unique per starter, never across principals.
+    started_by = models.CharField(max_length=32, blank=True, default="", db_default="")
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
         db_constraint=False, related_name="+",
@@ -51,8 +54,8 @@ class JobSide(models.Model):
             models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx"),
         ]
         constraints = [
-            models.UniqueConstraint(
-                fields=["idempotency_key"], name="skiplock_job_idempotency_key_uniq",
+            models.UniqueConstraint(  # per starter (issue 13 item 4), was global
+                fields=["started_by", "idempotency_key"], name="skiplock_job_idempotency_per_starter_uniq",
                 condition=models.Q(idempotency_key__isnull=False),
             ),
             models.CheckConstraint(
@@ -97,6 +100,7 @@ class JobRecord(models.Model):
     error_traceback = models.TextField(blank=True, default="")
     worker_name = models.CharField(max_length=255, blank=True, default="")
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    started_by = models.CharField(max_length=32, blank=True, default="")
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
         db_constraint=False, related_name="+",

@@ -33,7 +33,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from jobs import services
 from jobs.exceptions import InvalidArguments, InvalidTransition, JobNotFound, SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import TaskSpec, all_tasks, find_task
+from jobs.registry import TaskSpec, find_task, startable_tasks
 from jobs.selectors import job_max_attempts
 from jobs.states import DISPLAY, FINAL_STATES, State, colour, label
 
@@ -384,9 +384,10 @@ class TaskForm:
 def launcher_tasks() -> list[TaskSpec]:
     """The tasks the launcher offers: SKIPLOCK_PAGES_TASKS, or all but Skiplock's own (`skiplock.*`)."""
     chosen = list(getattr(settings, "SKIPLOCK_PAGES_TASKS", []) or [])
+    startable = {spec.name: spec for spec in startable_tasks()}  # never Skiplock's own (jobs.registry)
     if chosen:
-        return [spec for name in chosen if (spec := find_task(name)) is not None]
-    return [spec for spec in all_tasks() if not spec.name.startswith("skiplock.")]
+        return [startable[name] for name in chosen if name in startable]
+    return list(startable.values())
 
 
 def task_form(spec: TaskSpec) -> TaskForm:

@@ -18,6 +18,7 @@ import datetime as dt
 import functools
 import inspect
 import random
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,20 @@ from jobs.exceptions import InvalidArguments, ResultNotSerializable, TaskNotFoun
 
 DEFAULT_SOFT_TIME_LIMIT = 3600.0
 DEFAULT_HARD_TIME_LIMIT = 7200.0
+
+# Skiplock's own tasks (`skiplock.*`) run on its schedule: no principal may start them, and no
+# listing of startable tasks shows them (`startable_tasks`, `get_startable_task`).
+INTERNAL_PREFIX = "skiplock."
+# The priorities a task or a caller may give (higher runs first). Internal tasks run above them,
+# so no job a caller starts can jump ahead of maintenance.
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
+INTERNAL_PRIORITY = MAX_PRIORITY + 1
+# procrastinate NOTIFYs on the channel `procrastinate_queue_v1#<queue>`, and PostgreSQL cuts a
+# channel name at 63 bytes: a longer queue name fails in the database. ASCII only, so chars = bytes.
+QUEUE_CHANNEL_PREFIX = "procrastinate_queue_v1#"
+MAX_QUEUE_LENGTH = 63 - len(QUEUE_CHANNEL_PREFIX)
+QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 @dataclass(frozen=True)
@@ -292,6 +307,7 @@ def task(
         if soft_time_limit > hard_time_limit:
             raise ValueError("soft_time_limit must not exceed hard_time_limit")
         task_name = name or fn.__name__
+        _check_placement(task_name, fn, queue=queue, priority=priority)
         if task_name in _REGISTRY and _REGISTRY[task_name].func.__qualname__ != fn.__qualname__:
             raise ValueError(f"two tasks are named '{task_name}'")
         if args_model is None:
@@ -319,6 +335,27 @@ def task(
         return spec
 
     return decorate(func) if func is not None else decorate
+
+
+def _check_placement(task_name: str, fn: Callable[..., Any], *, queue: str, priority: int) -> None:
+    """A task's own queue and priority obey the rules callers' do; `skiplock.*` is Skiplock's."""
+    if is_internal(task_name):
+        if not fn.__module__.startswith("jobs."):
+            raise ValueError(f"task '{task_name}': names starting with '{INTERNAL_PREFIX}' are Skiplock's own")
+    elif isinstance(priority, bool) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"task '{task_name}': priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}")
+    problem = queue_problem(queue)
+    if problem:
+        raise ValueError(f"task '{task_name}': queue {problem}")
+
+
+def queue_problem(queue: object) -> str | None:
+    """Why `queue` cannot be a queue name (None when it can): it must fit a NOTIFY channel name."""
+    if not isinstance(queue, str) or not 1 <= len(queue) <= MAX_QUEUE_LENGTH:
+        return f"must be 1 to {MAX_QUEUE_LENGTH} characters"
+    if not re.match(QUEUE_PATTERN, queue):
+        return "may hold only ASCII letters, digits, '_', '-' and '.', and must start with a letter or digit"
+    return None
 
 
 def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type[pydantic.BaseModel]]:
@@ -386,11 +423,11 @@ def _runner(spec: TaskSpec) -> Callable[..., Any]:
 
 
 def get_task(name: str) -> TaskSpec:
+    """Any registered task, Skiplock's own included (workers and schedules); see get_startable_task."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise TaskNotFound(f"unknown task '{name}'; known tasks: {known}") from None
+        raise TaskNotFound(f"unknown task '{name}'; known tasks: {_startable_names()}") from None
 
 
 def all_tasks() -> list[TaskSpec]:
@@ -401,7 +438,50 @@ def find_task(name: str) -> TaskSpec | None:
     return _REGISTRY.get(name)
 
 
+# --- the one rule of what principals may start ---------------------------------------------------
+
+
+def is_internal(name: str) -> bool:
+    """Skiplock's own tasks (`skiplock.*`): they run on its schedule, never at a principal's request."""
+    return name.startswith(INTERNAL_PREFIX)
+
+
+def startable_tasks() -> list[TaskSpec]:
+    """The tasks a principal may start, and the only ones listed to them (API, pages, console, CLI)."""
+    return [spec for spec in all_tasks() if not is_internal(spec.name)]
+
+
+def get_startable_task(name: str) -> TaskSpec:
+    """The task `name` if a principal may start it; TaskNotFound (404) otherwise."""
+    if is_internal(name) and name in _REGISTRY:
+        raise TaskNotFound(
+            f"task '{name}' is internal to Skiplock and runs on its own schedule; it cannot be started. "
+            f"Known tasks: {_startable_names()}"
+        )
+    return get_task(name)
+
+
+def _startable_names() -> str:
+    return ", ".join(spec.name for spec in startable_tasks()) or "none"
+
+
+def known_queues() -> frozenset[str]:
+    """Queues anyone who may start jobs may name: the startable tasks' and those of settings.TASKS.
+
+    A new queue name (which grows every per-queue view and metric) needs the `manage` scope.
+    """
+    from django.conf import settings
+
+    declared = {
+        queue for backend in getattr(settings, "TASKS", {}).values() for queue in backend.get("QUEUES", ()) or ()
+    }
+    return frozenset({spec.queue for spec in startable_tasks()} | declared)
+
+
 from jobs.context import JobContext  # noqa: E402  (the one import for task authors)
 
-__all__ = ["NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_task", "task"]
+__all__ = [
+    "NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_startable_task", "get_task",
+    "startable_tasks", "task",
+]
 

@@ -8,16 +8,38 @@ task's own body (`task_start_schemas`), so clients and fuzzers see every argumen
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
 from ninja import Schema
-from pydantic import ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 
-from jobs.registry import TaskSpec, all_tasks
+from jobs.registry import (
+    MAX_PRIORITY,
+    MAX_QUEUE_LENGTH,
+    MIN_PRIORITY,
+    QUEUE_PATTERN,
+    TaskSpec,
+    startable_tasks,
+)
 from jobs.states import DisplayState, State
 
 # Strings stored in PostgreSQL text columns may not contain NUL.
 NO_NUL = r"^[^\x00]*$"
+
+
+def _iso_8601(value: Any) -> Any:
+    """pydantic takes numbers (and numeric text) as Unix timestamps: a time here is ISO 8601 text."""
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+    raise ValueError("must be an ISO 8601 date and time, e.g. 2030-01-01T09:00:00Z")
+
+
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_8601)]
 
 
 class StrictSchema(Schema):
@@ -29,11 +51,19 @@ class JobStartIn(StrictSchema):
 
     task: str = Field(min_length=1, max_length=128, pattern=NO_NUL, description="the task's name (GET /api/tasks)")
     args: dict[str, Any] = Field(default_factory=dict, description="the task's keyword arguments")
-    queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=NO_NUL,
-                              description="override the task's queue")
-    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31, description="higher runs first")
-    run_at: dt.datetime | None = Field(default=None, description="ISO 8601 time with a zone; not with delay_seconds")
-    delay_seconds: float | None = Field(default=None, ge=0, le=366 * 24 * 3600,
+    queue: str | None = Field(
+        default=None, min_length=1, max_length=MAX_QUEUE_LENGTH, pattern=QUEUE_PATTERN,
+        description="another queue than the task's: one of the known queues (a task's, or settings.TASKS'); "
+        "any other name needs the `manage` scope",
+    )
+    priority: int | None = Field(
+        default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True,
+        description="higher runs first; another priority than the task's needs the `manage` scope",
+    )
+    run_at: IsoDateTime | None = Field(
+        default=None, description="ISO 8601 time with a zone, at most 366 days ahead; not with delay_seconds",
+    )
+    delay_seconds: float | None = Field(default=None, ge=0, le=366 * 24 * 3600, strict=True,
                                         description="run this many seconds from now; not with run_at")
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=255, pattern=NO_NUL,
@@ -175,7 +205,7 @@ def task_components(ref_prefix: str = "#/components/schemas/") -> tuple[dict[str
     components: dict[str, Any] = {}
     start_names: dict[str, str] = {}
     common = JobStartIn.model_json_schema(ref_template=ref_prefix + "{model}")["properties"]
-    for spec in all_tasks():
+    for spec in startable_tasks():
         args_name, start_name = _task_component_names(spec)
         schema = spec.args_model.model_json_schema(ref_template=ref_prefix + "{model}")
         for name, sub in schema.pop("$defs", {}).items():

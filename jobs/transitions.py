@@ -30,11 +30,12 @@ from jobs.exceptions import (
     InvalidTransition,
     JobNotFound,
 )
-from jobs.registry import TaskSpec, get_task
+from jobs.registry import MAX_PRIORITY, MIN_PRIORITY, TaskSpec, get_startable_task, queue_problem
 from jobs.states import FINAL_STATES, State
 
 # --- jobs: defer and the transitions people ask for ------------------------------------------------
 
+# How far ahead a job may be scheduled, by `delay_seconds` or `run_at` alike.
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 # A job whose worker was lost this many times fails: lost-worker requeues use up no retry, and a
 # job that kills its worker every time would otherwise come back for ever.
@@ -75,6 +76,14 @@ class DeferRequest:
     delay_seconds: float | None = None
     idempotency_key: str | None = None
     owner_id: int | None = None
+    api_key_id: int | None = None  # the API key that starts the job, if one does
+
+    @property
+    def started_by(self) -> str:
+        """The principal, and so the scope of the idempotency key: key:<id>, user:<id>, or "" (code)."""
+        if self.api_key_id is not None:
+            return f"key:{self.api_key_id}"
+        return f"user:{self.owner_id}" if self.owner_id is not None else ""
 
 
 @dataclass(frozen=True)
@@ -106,16 +115,16 @@ WITH input AS MATERIALIZED (
     FROM unnest(
         %(queues)s::varchar[], %(tasks)s::varchar[], %(priorities)s::int[], %(locks)s::text[],
         %(queueing_locks)s::text[], %(args)s::jsonb[], %(scheduled_at)s::timestamptz[],
-        %(keys)s::varchar[], %(owners)s::bigint[]
-    ) WITH ORDINALITY AS i(queue, task, priority, lock, queueing_lock, args, scheduled_at, key, owner, n)
+        %(keys)s::varchar[], %(owners)s::bigint[], %(started_by)s::varchar[]
+    ) WITH ORDINALITY AS i(queue, task, priority, lock, queueing_lock, args, scheduled_at, key, owner, started_by, n)
 ),
 queued AS (
     INSERT INTO procrastinate_jobs (id, queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
     SELECT id, queue, task, priority, lock, queueing_lock, args, scheduled_at FROM input ORDER BY n
 ),
 side AS (
-    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id)
-    SELECT id, key, owner FROM input ORDER BY n
+    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by)
+    SELECT id, key, owner, started_by FROM input ORDER BY n
 )
 SELECT id FROM input ORDER BY n
 """
@@ -148,7 +157,7 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     """
     prepared = _prepare_all(requests)
     existing = _existing_by_key(prepared)
-    to_insert = [p for p in prepared if p.request.idempotency_key not in existing]
+    to_insert = [p for p in prepared if _key_of(p.request) not in existing]
     ids: list[int] = []
     if to_insert:
         try:
@@ -166,7 +175,7 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     new_ids = iter(ids)
     results: list[DeferredJob] = []
     for item in prepared:
-        key = item.request.idempotency_key
+        key = _key_of(item.request)
         if key in existing:
             results.append(existing[key])
             continue
@@ -188,6 +197,7 @@ def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
         "scheduled_at": [p.scheduled_at for p in items],
         "keys": [p.request.idempotency_key for p in items],
         "owners": [p.request.owner_id for p in items],
+        "started_by": [p.request.started_by for p in items],
     }
     # Inside the caller's transaction a failed insert must not poison it: a savepoint, only then.
     if savepoint:
@@ -206,7 +216,7 @@ def _prepare_all(requests: Sequence[DeferRequest]) -> list[_Prepared]:
     problems: list[dict[str, Any]] = []
     for index, request in enumerate(requests):
         try:
-            prepared.append(_prepare(request, get_task(request.task_name)))
+            prepared.append(_prepare(request, get_startable_task(request.task_name)))
         except InvalidArguments as exc:
             if len(requests) == 1:
                 raise
@@ -214,7 +224,7 @@ def _prepare_all(requests: Sequence[DeferRequest]) -> list[_Prepared]:
                 problems.append({**detail, "field": f"jobs.{index}.{detail['field']}"})
     if problems:
         raise InvalidArguments(f"{len(problems)} invalid field(s) in the batch; no job was started", details=problems)
-    keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    keys = [_key_of(r) for r in requests if r.idempotency_key]
     if len(keys) != len(set(keys)):
         raise InvalidArguments(
             "the same idempotency key appears twice in one batch",
@@ -227,28 +237,37 @@ def _prepare(request: DeferRequest, spec: TaskSpec) -> _Prepared:
     args = spec.validate(request.args)
     problems = []
     queue = request.queue if request.queue is not None else spec.queue
-    if not queue or len(queue) > 128:
-        problems.append({"field": "queue", "message": "must be 1 to 128 characters", "type": "value_error"})
+    queue_bad = queue_problem(queue)
+    if queue_bad:
+        problems.append({"field": "queue", "message": queue_bad, "type": "value_error"})
     priority = request.priority if request.priority is not None else spec.priority
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
-        problems.append({"field": "priority", "message": "must be a 32-bit integer", "type": "value_error"})
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        problems.append({"field": "priority", "message": f"must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}",
+                         "type": "value_error"})
     scheduled_at = None
+    now = dt.datetime.now(dt.UTC)
+    latest = now + dt.timedelta(seconds=MAX_DELAY_SECONDS)
     if request.run_at is not None and request.delay_seconds is not None:
         problems.append({"field": "run_at", "message": "give run_at or delay_seconds, not both", "type": "value_error"})
     elif request.run_at is not None:
         if request.run_at.tzinfo is None:
             problems.append({"field": "run_at", "message": "must include a time zone (e.g. Z or +02:00)", "type": "value_error"})
+        elif request.run_at > latest:
+            # A job far in the future would hold its `lock` against every job that is due.
+            problems.append({"field": "run_at", "message": f"must be at most {MAX_DELAY_SECONDS // 86400} days from now",
+                             "type": "value_error"})
         scheduled_at = request.run_at
     elif request.delay_seconds is not None:
-        if not 0 <= request.delay_seconds <= MAX_DELAY_SECONDS:
-            problems.append({"field": "delay_seconds", "message": f"must be from 0 to {MAX_DELAY_SECONDS}", "type": "value_error"})
+        delay = request.delay_seconds
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
+            problems.append({"field": "delay_seconds", "message": f"must be from 0 to {MAX_DELAY_SECONDS} (a number)",
+                             "type": "value_error"})
         else:
-            scheduled_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=request.delay_seconds)
+            scheduled_at = now + dt.timedelta(seconds=delay)
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 255:
         problems.append({"field": "idempotency_key", "message": "must be 1 to 255 characters", "type": "value_error"})
-    for name, text in (("queue", queue), ("idempotency_key", request.idempotency_key)):
-        if isinstance(text, str) and "\x00" in text:
-            problems.append({"field": name, "message": "cannot hold NUL characters", "type": "value_error"})
+    if isinstance(request.idempotency_key, str) and "\x00" in request.idempotency_key:
+        problems.append({"field": "idempotency_key", "message": "cannot hold NUL characters", "type": "value_error"})
     try:
         lock, queueing_lock = spec.lock_for(args), spec.queueing_lock_for(args)
     except (KeyError, IndexError) as exc:
@@ -264,22 +283,33 @@ def _prepare(request: DeferRequest, spec: TaskSpec) -> _Prepared:
     )
 
 
-def _existing_by_key(prepared: Sequence[_Prepared]) -> dict[str, DeferredJob]:
-    keys = {p.request.idempotency_key: p for p in prepared if p.request.idempotency_key}
-    if not keys:
+def _key_of(request: DeferRequest) -> tuple[str, str | None]:
+    """An idempotency key as it is unique: per principal."""
+    return request.started_by, request.idempotency_key
+
+
+def _existing_by_key(prepared: Sequence[_Prepared]) -> dict[tuple[str, str | None], DeferredJob]:
+    """The jobs the same principals already started under these idempotency keys (never another's)."""
+    keyed = {_key_of(p.request): p for p in prepared if p.request.idempotency_key}
+    if not keyed:
         return {}
+    from django.db.models import Q
+
     from jobs.models import JobRecord
 
-    found: dict[str, DeferredJob] = {}
-    for record in JobRecord.objects.filter(idempotency_key__in=list(keys)):
-        item = keys[record.idempotency_key or ""]
+    wanted = Q()
+    for started_by, key in keyed:
+        wanted |= Q(started_by=started_by, idempotency_key=key)
+    found: dict[tuple[str, str | None], DeferredJob] = {}
+    for record in JobRecord.objects.filter(wanted):
+        item = keyed[(record.started_by, record.idempotency_key)]
         if record.task_name != item.task_name or record.args != item.args:
             raise IdempotencyConflict(
                 f"idempotency key '{record.idempotency_key}' was used for job {record.job_id} "
-                f"({record.task_name}) with other arguments",
+                f"({record.task_name}) with other arguments; use a new key for a new job",
                 details={"job_id": record.job_id, "idempotency_key": record.idempotency_key},
             )
-        found[record.idempotency_key or ""] = DeferredJob(
+        found[_key_of(item.request)] = DeferredJob(
             job_id=record.job_id, task_name=record.task_name, queue=record.queue_name,
             state=record.state, scheduled_at=record.scheduled_at, created=False,
         )

@@ -13,7 +13,7 @@ from django.db import connection
 
 from jobs.apikeys import apikey_revoke
 from jobs.models import ApiKey, JobRecord
-from jobs.states import DisplayState
+from jobs.states import DisplayState, State
 from jobs.testing import run_jobs
 from tests.api_fixtures import (  # noqa: F401  (fixtures)
     FAST_DEPLOY,
@@ -243,10 +243,12 @@ def test_listing_filters_and_pages_by_cursor(client: httpx.Client) -> None:
     assert {job["id"] for job in by_task["jobs"]} == set(routes)
     by_queue = client.get("/api/jobs", params={"queue": "cpu"}).json()
     assert {job["id"] for job in by_queue["jobs"]} == set(routes)
-    scheduled = client.get("/api/jobs", params={"state": "scheduled"}).json()
+    scheduled = client.get("/api/jobs", params={"display_state": "scheduled"}).json()
     assert [job["id"] for job in scheduled["jobs"]] == [later]
     todo = client.get("/api/jobs", params=[("state", "todo"), ("state", "doing")]).json()
-    assert len(todo["jobs"]) == 8
+    assert len(todo["jobs"]) == 9  # the stored state: the scheduled job is `todo` too
+    runnable = client.get("/api/jobs", params=[("display_state", "todo"), ("display_state", "doing")]).json()
+    assert len(runnable["jobs"]) == 8
     client.post(f"/api/jobs/{deploys[0]}/cancel")
     cancelled = client.get("/api/jobs", params={"state": "cancelled"}).json()
     assert [job["id"] for job in cancelled["jobs"]] == [deploys[0]]
@@ -266,7 +268,7 @@ def test_the_job_list_query_uses_its_index() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SET enable_seqscan = off")  # tiny test table: ask what the plan would be at scale
         for filters in (JobFilters(task="deploy_stack"), JobFilters(queue="cpu"),
-                        JobFilters(state=[DisplayState.FAILED])):
+                        JobFilters(state=[State.FAILED]), JobFilters(display_state=[DisplayState.FAILED])):
             cursor.execute("EXPLAIN " + _list_sql(filters))
             plan = "\n".join(row[0] for row in cursor.fetchall())
             assert "Index" in plan, plan

@@ -166,6 +166,64 @@ def test_a_recorded_tick_whose_job_vanished_is_deferred_again(worker_tables: Non
         periodic._SCHEDULES.pop(("record_run", "t1495"), None)
 
 
+def maintenance_job(*, scheduled_at: Any) -> int:
+    """A waiting `skiplock.maintenance` job holding its queueing lock, inserted as procrastinate would."""
+    return int(scalar(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, queueing_lock, args, scheduled_at) "
+        "VALUES ('skiplock', 'skiplock.maintenance', 0, 'skiplock-maintenance', '{}', %s) RETURNING id",
+        [scheduled_at],
+    ))
+
+
+def test_a_periodic_tick_replaces_a_lock_holder_that_is_not_due(worker_tables: None) -> None:
+    """Hardening item 2: a `skiplock.maintenance` started for year 9999 must not block its ticks."""
+    import datetime as dt
+
+    from jobs import maintenance as maintenance_module
+
+    maintenance_module.ensure_schedule()
+    schedule = periodic._SCHEDULES[(maintenance_module.MAINTENANCE_TASK, "")]
+    # Started before internal tasks were refused and run_at capped (or by procrastinate itself).
+    squatter = maintenance_job(scheduled_at=dt.datetime(9999, 1, 1, tzinfo=dt.UTC))
+    tick = schedule.previous_tick(time.time())
+
+    async def scenario() -> int | None:
+        connector = _async_connector()
+        await connector.pool.open(wait=True)
+        try:
+            return await periodic.defer_tick(connector, schedule, tick, heal=True)
+        finally:
+            await connector.pool.close()
+
+    deferred = asyncio.run(scenario())
+    assert deferred is not None
+    assert deferred != squatter
+    assert state(squatter) == "cancelled"
+    assert state(deferred) == "todo"
+    assert scalar("SELECT queueing_lock FROM procrastinate_jobs WHERE id = %s", [deferred]) == "skiplock-maintenance"
+    assert scalar("SELECT error_type FROM skiplock_job WHERE job_id = %s", [squatter]) == "Replaced"
+
+
+def test_a_periodic_tick_still_skips_when_a_due_job_holds_its_lock(worker_tables: None) -> None:
+    from jobs import maintenance as maintenance_module
+
+    maintenance_module.ensure_schedule()
+    schedule = periodic._SCHEDULES[(maintenance_module.MAINTENANCE_TASK, "")]
+    waiting = maintenance_job(scheduled_at=None)
+    tick = schedule.previous_tick(time.time())
+
+    async def scenario() -> int | None:
+        connector = _async_connector()
+        await connector.pool.open(wait=True)
+        try:
+            return await periodic.defer_tick(connector, schedule, tick, heal=True)
+        finally:
+            await connector.pool.close()
+
+    assert asyncio.run(scenario()) is None
+    assert state(waiting) == "todo"
+
+
 def _run_in_thread(make_worker: Any) -> tuple[threading.Thread, dict[str, Any]]:
     """Run a worker on its own event loop in a thread; returns the thread and a handle."""
     handle: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from django.urls import reverse
 from jobs import services
 from jobs.exceptions import SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import all_tasks, find_task
+from jobs.registry import find_task, startable_tasks
 
 
 def example_args(task_name: str) -> dict[str, Any]:
@@ -40,7 +40,7 @@ class StartJobForm(forms.Form):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         field = cast(forms.ChoiceField, self.fields["task"])
-        field.choices = [(spec.name, f"{spec.name} ({spec.queue})") for spec in all_tasks()]
+        field.choices = [(spec.name, f"{spec.name} ({spec.queue})") for spec in startable_tasks()]
 
     def clean_args(self) -> dict[str, Any]:
         try:
@@ -55,7 +55,7 @@ class StartJobForm(forms.Form):
 def start_view(model_admin: admin.ModelAdmin, request: HttpRequest) -> HttpResponse:
     if not model_admin.has_change_permission(request):
         raise PermissionDenied
-    task = request.GET.get("task") or (all_tasks()[0].name if all_tasks() else "")
+    task = request.GET.get("task") or (startable_tasks()[0].name if startable_tasks() else "")
     form = StartJobForm(request.POST or None, initial={
         "task": task, "args": json.dumps(example_args(task), indent=2, default=str)})
     if request.method == "POST" and form.is_valid():
@@ -80,7 +80,7 @@ def start_view(model_admin: admin.ModelAdmin, request: HttpRequest) -> HttpRespo
     from jobs.console.pages import nav
 
     specs = {spec.name: {"description": spec.description, "signature": spec.signature(),
-                         "example": example_args(spec.name)} for spec in all_tasks()}
+                         "example": example_args(spec.name)} for spec in startable_tasks()}
     context = {
         **model_admin.admin_site.each_context(request),
         "title": "Start a job",

@@ -58,6 +58,7 @@ SELECT j.id AS job_id,
            (SELECT w.name FROM skiplock_worker w WHERE w.worker_id = j.worker_id), 'worker-' || j.worker_id::text
        ) ELSE COALESCE(r.worker_name, '') END AS worker_name,
        r.idempotency_key,
+       COALESCE(r.started_by, '') AS started_by,
        r.owner_id
 FROM procrastinate_jobs j
 LEFT JOIN skiplock_job r ON r.job_id = j.id
@@ -202,6 +203,7 @@ JOB_SIDE_FIELDS = [
     ("error_traceback", models.TextField(blank=True, db_default="", default="")),
     ("worker_name", models.CharField(blank=True, db_default="", default="", max_length=255)),
     ("idempotency_key", models.CharField(blank=True, max_length=255, null=True)),
+    ("started_by", models.CharField(blank=True, db_default="", default="", max_length=32)),
     ("owner", models.ForeignKey(
         blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.SET_NULL,
         related_name="+", to=settings.AUTH_USER_MODEL,
@@ -216,7 +218,7 @@ STATE_ONLY = [
     migrations.RemoveIndex(model_name="jobrecord", name="skiplock_job_created_idx"),
     migrations.RemoveIndex(model_name="jobrecord", name="skiplock_job_finished_idx"),
     migrations.RemoveIndex(model_name="jobrecord", name="skiplock_job_owner_idx"),
-    migrations.RemoveConstraint(model_name="jobrecord", name="skiplock_job_idempotency_key_uniq"),
+    migrations.RemoveConstraint(model_name="jobrecord", name="skiplock_job_idempotency_per_starter_uniq"),
     migrations.RemoveConstraint(model_name="jobrecord", name="skiplock_job_progress_range"),
     migrations.AlterModelOptions(
         name="jobrecord", options={"managed": False, "ordering": ["-job_id"], "verbose_name": "job"},
@@ -235,6 +237,8 @@ STATE_ONLY = [
                           field=models.CharField(blank=True, default="", max_length=255)),
     migrations.AlterField(model_name="jobrecord", name="error_message", field=models.TextField(blank=True, default="")),
     migrations.AlterField(model_name="jobrecord", name="error_traceback", field=models.TextField(blank=True, default="")),
+    migrations.AlterField(model_name="jobrecord", name="started_by",
+                          field=models.CharField(blank=True, default="", max_length=32)),
     migrations.AlterField(model_name="jobrecord", name="worker_name",
                           field=models.CharField(blank=True, default="", max_length=255)),
     migrations.AlterField(
@@ -261,7 +265,8 @@ STATE_ONLY = [
             ],
             "constraints": [
                 models.UniqueConstraint(condition=models.Q(("idempotency_key__isnull", False)),
-                                        fields=("idempotency_key",), name="skiplock_job_idempotency_key_uniq"),
+                                        fields=("started_by", "idempotency_key"),
+                                        name="skiplock_job_idempotency_per_starter_uniq"),
                 models.CheckConstraint(condition=models.Q(("progress__gte", 0), ("progress__lte", 100)),
                                        name="skiplock_job_progress_range"),
             ],
@@ -272,7 +277,7 @@ STATE_ONLY = [
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("jobs", "0004_queueing_lock_on_retry"),
+        ("jobs", "0005_idempotency_per_principal"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -11,13 +11,18 @@ import json
 import sys
 from typing import Any
 
+import psycopg
+import psycopg_pool
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import DatabaseError, InterfaceError, OperationalError
+from procrastinate.exceptions import ConnectorException
 
 from jobs import selectors, services
 from jobs.exceptions import SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import all_tasks
+from jobs.registry import startable_tasks
 from jobs.states import DisplayState, State, colour, label
 
 ANSI = {"grey": "90", "blue": "34", "orange": "33", "cyan": "36", "green": "32", "red": "31", "purple": "35"}
@@ -77,6 +82,28 @@ def job_document(record: JobRecord, *, with_attempts: bool) -> dict[str, Any]:
     return document
 
 
+_UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError,
+                psycopg_pool.PoolTimeout)
+
+
+def _unreachable_cause(exc: BaseException) -> BaseException | None:
+    """The connection failure behind `exc` (through wrappers such as procrastinate's), if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _UNREACHABLE):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def unreachable_database_message(exc: BaseException) -> str:
+    """One line for a database that cannot be reached: what failed, and what to check."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = ("start the embedded one with `manage.py db start`" if settings.EMBEDDED_DATABASE
+             else "check that PostgreSQL runs and DATABASE_URL points at it")
+    return f"cannot reach the database ({reason}); {where}"
+
+
 class Command(BaseCommand):
     help = "Start, list, show, cancel, abort, retry, delete or run now Skiplock jobs."
 
@@ -126,6 +153,11 @@ class Command(BaseCommand):
             handler(**options)
         except SkiplockError as exc:
             raise CommandError(exc.message) from None
+        except (DatabaseError, psycopg.Error, psycopg_pool.PoolTimeout, ConnectorException) as exc:
+            unreachable = _unreachable_cause(exc)
+            if unreachable is None:
+                raise
+            raise CommandError(unreachable_database_message(unreachable)) from None
 
     # --- actions ---------------------------------------------------------------------------------
 
@@ -176,7 +208,7 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cells).rstrip())
 
     def do_tasks(self, **_: Any) -> None:
-        specs = all_tasks()
+        specs = startable_tasks()
         if self.as_json:
             self.emit([spec.describe() for spec in specs])
             return
