@@ -103,6 +103,7 @@ class Running:
     written_off: bool = False  # requeued or taken back: its ending is dropped
     timer: asyncio.TimerHandle | None = None
     progress_writer: asyncio.Task[None] | None = None
+    writing: asyncio.Future[None] | None = None  # a progress write in flight
 
 
 @dataclass
@@ -478,6 +479,11 @@ class Worker:
         finally:
             with contextlib.suppress(ValueError):  # closed from another context when its loop is gone
                 _current.reset(token)
+        if running.writing is not None and not running.writing.done():
+            # Its last progress write is in flight: let it land before the end is recorded (it would
+            # otherwise meet the ended attempt's fence and be lost, its value with it).
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([running.writing], timeout=5.0)
         self._job_done(running, ending)
 
     def _arguments(self, running: Running, procrastinate_task: Any) -> dict[str, Any]:
@@ -641,6 +647,8 @@ class Worker:
                     return
                 params = {"job_id": running.job.id, "worker_id": self.worker_id, "attempts": running.job.attempts,
                           "progress": taken[0], "step": taken[1]}
+                assert self._loop is not None
+                running.writing = self._loop.create_future()
                 try:
                     async with self.pool.connection() as conn:
                         await _execute(conn, _WRITE_PROGRESS, params)
@@ -649,6 +657,9 @@ class Worker:
                         self._outage.failed(exc, "writing progress")
                     else:
                         logger.warning("could not store progress of job %s", running.job.id, exc_info=True)
+                finally:
+                    if not running.writing.done():
+                        running.writing.set_result(None)
                 await asyncio.sleep(interval)
         finally:
             running.progress_writer = None
