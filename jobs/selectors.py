@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection
@@ -81,3 +82,60 @@ def job_list(
     if state:
         records = records.filter(state_filter(state))
     return list(records[:limit])
+
+
+# --- what a waiting job waits for (hardening item 23) -------------------------------------------
+
+# One statement, two index-backed branches tried in order (Append stops at the first row):
+# the running holder of the lock (procrastinate_jobs_lock_idx_v1, unique on lock for doing rows),
+# else a waiting job ahead of it in procrastinate's fetch order (procrastinate_jobs_id_lock_idx_v1
+# over todo/doing rows). Mirrors procrastinate_fetch_job_v2's NOT EXISTS on the lock.
+_WAITING_FOR_SQL = """
+WITH job AS (
+    SELECT id, lock, priority FROM procrastinate_jobs WHERE id = %(id)s AND status = 'todo' AND lock IS NOT NULL
+)
+SELECT blocker.lock, blocker.id, blocker.running, blocker.scheduled_at, record.owner_id
+FROM (
+    (SELECT job.lock, other.id, true AS running, other.scheduled_at
+     FROM job JOIN procrastinate_jobs AS other ON other.lock = job.lock AND other.status = 'doing' LIMIT 1)
+    UNION ALL
+    (SELECT job.lock, other.id, false, other.scheduled_at
+     FROM job JOIN procrastinate_jobs AS other ON other.lock = job.lock AND other.status = 'todo'
+         AND (other.priority > job.priority OR (other.priority = job.priority AND other.id < job.id))
+     ORDER BY other.priority DESC, other.id LIMIT 1)
+    LIMIT 1
+) AS blocker
+LEFT JOIN skiplock_job AS record ON record.job_id = blocker.id
+"""
+
+
+@dataclass(frozen=True)
+class WaitingFor:
+    """The job a waiting job's `lock` makes it wait for."""
+
+    lock: str
+    job_id: int
+    running: bool
+    scheduled_at: dt.datetime | None
+    owner_id: int | None
+
+    def describe(self, *, show_job: bool = True) -> str:
+        """'lock deploy-shop-production held by job 412'; `show_job=False` hides a job the reader may not see."""
+        other = f"job {self.job_id}" if show_job else "another job"
+        if self.running:
+            return f"lock {self.lock} held by {other}"
+        when = ""
+        if self.scheduled_at is not None and self.scheduled_at > dt.datetime.now(dt.UTC):
+            when = f", due {self.scheduled_at:%Y-%m-%d %H:%M} UTC"
+        return f"lock {self.lock}, after {other} (waiting ahead of it{when})"
+
+
+def job_waiting_for(*, job_id: int) -> WaitingFor | None:
+    """What keeps a waiting job from starting, or None (not waiting, no lock, or its lock is free)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_WAITING_FOR_SQL, {"id": job_id})
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    lock, other_id, running, scheduled_at, owner_id = row
+    return WaitingFor(lock=lock, job_id=other_id, running=running, scheduled_at=scheduled_at, owner_id=owner_id)

@@ -419,6 +419,7 @@ class JobRecordAdmin(admin.ModelAdmin):
             "progress_bar": progress_bar(record.progress, record.state),
             "final": record.state in FINAL_STATES,
             "max_attempts": selectors.job_max_attempts(record),
+            "waiting_for": _waiting_for(record),
             "limits": {"soft": spec.soft_time_limit, "hard": spec.hard_time_limit} if spec else None,
             "args_json": json.dumps(record.args, indent=2, sort_keys=True, ensure_ascii=False),
             "result_json": (json.dumps(record.result, indent=2, sort_keys=True, ensure_ascii=False)
@@ -475,6 +476,12 @@ class JobRecordAdmin(admin.ModelAdmin):
         ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.strip().isdigit()][:200]
         only = ("job_id", "state", "scheduled_at", "attempts", "progress", "step")
         return JsonResponse({"jobs": [_status(r) for r in JobRecord.objects.filter(pk__in=ids).only(*only)]})
+
+
+def _waiting_for(record: JobRecord) -> str | None:
+    # The console's readers have the view permission: they may see the job in the way.
+    waiting = selectors.job_waiting_for(job_id=record.job_id) if record.state == State.TODO else None
+    return waiting.describe() if waiting else None
 
 
 def _status(record: JobRecord) -> dict[str, Any]:
