@@ -197,7 +197,7 @@ def principal_of(request: HttpRequest) -> Principal:
 
 
 def read_access(request: HttpRequest) -> Principal | None:
-    """For plain Django views (health, metrics) behind a setting: a `read` key or a staff session."""
+    """For plain Django views (health, metrics) behind a setting: a `read` key, or a session that may read every job."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -206,6 +206,7 @@ def read_access(request: HttpRequest) -> Principal | None:
             return key_principal(key)
         return None
     user: Any = getattr(request, "user", None)
-    if user is not None and user.is_authenticated and user.is_staff:
-        return Principal(kind="user", name=user.get_username(), scopes=frozenset(), user_id=user.pk, is_staff=True)
-    return None
+    if user is None or not user.is_authenticated:
+        return None
+    principal = user_principal(user)
+    return principal if principal.sees_all_jobs else None

@@ -225,3 +225,12 @@ def test_the_waiting_for_query_is_one_index_backed_statement() -> None:
             cursor.execute("RESET enable_seqscan")
     assert "procrastinate_jobs_lock_idx_v1" in plan, plan
     assert "Seq Scan on procrastinate_jobs" not in plan, plan
+
+
+def test_closed_metrics_take_the_view_permission_not_bare_staff_status(asgi_server: str, settings: Any) -> None:
+    settings.SKIPLOCK_OPEN_METRICS = False
+    bare = login(asgi_server, "bare-staff", staff=True)
+    viewer = login(asgi_server, "viewer", staff=True)
+    grant(viewer, "view_jobrecord")
+    assert bare.http.get("/metrics").status_code == 401
+    assert viewer.http.get("/metrics").status_code == 200
