@@ -86,48 +86,32 @@ def job_list(
 
 # --- what a waiting job waits for (hardening item 23) -------------------------------------------
 
-# One statement, two index-backed branches tried in order (Append stops at the first row):
-# the running holder of the lock (procrastinate_jobs_lock_idx_v1, unique on lock for doing rows),
-# else a waiting job ahead of it in procrastinate's fetch order (procrastinate_jobs_id_lock_idx_v1
-# over todo/doing rows). Mirrors procrastinate_fetch_job_v2's NOT EXISTS on the lock.
+# One statement of two index probes: the job by primary key, then the running holder of its lock
+# through procrastinate_jobs_lock_idx_v1 (unique on lock for doing rows); the holder's owner by
+# skiplock_job's primary key. A waiting job queued behind another *waiting* job of the same lock is
+# not reported: finding those would walk the whole backlog (no index serves lock for todo rows),
+# and the one ahead starts first anyway, after which this one names it as the holder.
 _WAITING_FOR_SQL = """
-WITH job AS (
-    SELECT id, lock, priority FROM procrastinate_jobs WHERE id = %(id)s AND status = 'todo' AND lock IS NOT NULL
-)
-SELECT blocker.lock, blocker.id, blocker.running, blocker.scheduled_at, record.owner_id
-FROM (
-    (SELECT job.lock, other.id, true AS running, other.scheduled_at
-     FROM job JOIN procrastinate_jobs AS other ON other.lock = job.lock AND other.status = 'doing' LIMIT 1)
-    UNION ALL
-    (SELECT job.lock, other.id, false, other.scheduled_at
-     FROM job JOIN procrastinate_jobs AS other ON other.lock = job.lock AND other.status = 'todo'
-         AND (other.priority > job.priority OR (other.priority = job.priority AND other.id < job.id))
-     ORDER BY other.priority DESC, other.id LIMIT 1)
-    LIMIT 1
-) AS blocker
-LEFT JOIN skiplock_job AS record ON record.job_id = blocker.id
+SELECT job.lock, holder.id, record.owner_id
+FROM procrastinate_jobs AS job
+JOIN procrastinate_jobs AS holder ON holder.lock = job.lock AND holder.status = 'doing'
+LEFT JOIN skiplock_job AS record ON record.job_id = holder.id
+WHERE job.id = %(id)s AND job.status = 'todo' AND job.lock IS NOT NULL
+LIMIT 1
 """
 
 
 @dataclass(frozen=True)
 class WaitingFor:
-    """The job a waiting job's `lock` makes it wait for."""
+    """The running job whose `lock` a waiting job waits for."""
 
     lock: str
     job_id: int
-    running: bool
-    scheduled_at: dt.datetime | None
     owner_id: int | None
 
     def describe(self, *, show_job: bool = True) -> str:
         """'lock deploy-shop-production held by job 412'; `show_job=False` hides a job the reader may not see."""
-        other = f"job {self.job_id}" if show_job else "another job"
-        if self.running:
-            return f"lock {self.lock} held by {other}"
-        when = ""
-        if self.scheduled_at is not None and self.scheduled_at > dt.datetime.now(dt.UTC):
-            when = f", due {self.scheduled_at:%Y-%m-%d %H:%M} UTC"
-        return f"lock {self.lock}, after {other} (waiting ahead of it{when})"
+        return f"lock {self.lock} held by {f'job {self.job_id}' if show_job else 'another job'}"
 
 
 def job_waiting_for(*, job_id: int) -> WaitingFor | None:
@@ -137,5 +121,5 @@ def job_waiting_for(*, job_id: int) -> WaitingFor | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    lock, other_id, running, scheduled_at, owner_id = row
-    return WaitingFor(lock=lock, job_id=other_id, running=running, scheduled_at=scheduled_at, owner_id=owner_id)
+    lock, holder_id, owner_id = row
+    return WaitingFor(lock=lock, job_id=holder_id, owner_id=owner_id)
