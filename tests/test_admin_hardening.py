@@ -45,6 +45,7 @@ def notices(response: object) -> list[str]:
     "state=xx", "state=%00", "task=deploy%00stack", "queue=de%00fault", "created=forever", "finished=%00",
     "q=%00", "q=points%3D1e999", "q=points%3DNaN", "q=points%3D-1e999", "q=%23999999999999999999",
     "q=args.x%3D%7B%22a%22%3A1e999%7D", "q=x%3D%00", "p=-1", "p=abc", "o=99",
+    "task_name__regex=(", "job_id__gt=1e999", "foo=bar", "_to_field=x", "state=todo&state=xx",
 ])
 def test_garbage_filters_give_a_list_never_a_500(admin_client: Client, query: str) -> None:
     insert_jobs(2)
@@ -66,6 +67,14 @@ def test_a_nul_byte_in_a_filter_lists_nothing_and_says_why(admin_client: Client)
     assert response.status_code == 200
     assert shown_ids(response.content.decode()) == set()
     assert any("NUL" in text for text in notices(response)), notices(response)
+
+
+def test_a_parameter_the_list_has_no_filter_for_is_dropped_with_a_message(admin_client: Client) -> None:
+    ids = insert_jobs(2)
+    response = admin_client.get(f"{LIST}?state=todo&task_name__regex=(", follow=True)
+    assert response.redirect_chain == [(f"{LIST}?state=todo", 302)]
+    assert shown_ids(response.content.decode()) == set(ids)
+    assert any("task_name__regex" in text for text in notices(response)), notices(response)
 
 
 def test_an_out_of_range_number_in_the_argument_search_lists_nothing_and_says_why(admin_client: Client) -> None:

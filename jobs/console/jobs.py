@@ -445,9 +445,27 @@ class JobRecordAdmin(admin.ModelAdmin):
         return TemplateResponse(request, self.confirmation_template, context)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        unknown = [name for name in request.GET if name not in self.url_parameters()]
+        if unknown and request.method == "GET":
+            # Django would pass `field__lookup=…` through to SQL unchecked (`task_name__regex=(` was a 500).
+            kept = request.GET.copy()
+            for name in unknown:
+                del kept[name]
+            messages.warning(request, "Ignored what the job list has no filter for: "
+                             + ", ".join(printable(name, 40) for name in unknown[:5])
+                             + (" …" if len(unknown) > 5 else "") + ". Use the filters on the right.")
+            return HttpResponseRedirect(f"{request.path}?{kept.urlencode()}" if kept else request.path)
         extra = {"title": "Jobs", **(extra_context or {}), "console_nav": _nav(request), "exact_cap": EXACT_COUNT_CAP,
                  "can_start": self.has_change_permission(request)}
         return super().changelist_view(request, extra)
+
+    def url_parameters(self) -> set[str]:
+        """The query parameters the job list understands: its filters' and the admin's own (page, order, search…)."""
+        from django.contrib.admin.views import main
+
+        # Not _popup/_to_field (no form picks a job in a popup; a bad _to_field is a 400) nor _facets (off).
+        own = {main.ALL_VAR, main.ORDER_VAR, main.PAGE_VAR, main.SEARCH_VAR, main.ERROR_FLAG}
+        return own | {str(getattr(f, "parameter_name", "")) for f in self.list_filter}
 
     # -- the detail page replaces the change form
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
