@@ -126,7 +126,7 @@ def job_perms_of(user: Any) -> frozenset[str]:
 
 
 def user_principal(user: Any) -> Principal:
-    """The principal of a signed-in Django user (anonymous: no rights, sees nothing but start is refused)."""
+    """The principal of a Django user; an anonymous one sees no job (views ask for a login before this)."""
     if not getattr(user, "is_authenticated", False):
         return Principal(kind="user", name="anonymous", scopes=frozenset())
     return Principal(
