@@ -58,7 +58,7 @@ from jobs.schemas import (
     TransitionOut,
     task_components,
 )
-from jobs.selectors import job_attempts, job_get, job_max_attempts, state_filter
+from jobs.selectors import job_attempts, job_get, job_max_attempts, job_waiting_for, state_filter
 from jobs.states import FINAL_STATES, DisplayState, State
 
 logger = logging.getLogger(__name__)
@@ -259,12 +259,12 @@ def _duration_ms(started: dt.datetime | None, finished: dt.datetime | None) -> i
 
 def _visible_job(principal: Principal, job_id: int) -> JobRecord:
     record = job_get(job_id=job_id)
-    if not principal.owns(record.owner_id):
+    if not principal.can_see(record.owner_id):
         raise JobNotFound(f"no job has id {job_id}")
     return record
 
 
-def _job_out(record: JobRecord) -> dict[str, Any]:
+def _job_out(record: JobRecord, principal: Principal) -> dict[str, Any]:
     return {
         "id": record.job_id,
         "task": record.task_name,
@@ -278,7 +278,8 @@ def _job_out(record: JobRecord) -> dict[str, Any]:
         "max_attempts": job_max_attempts(record),
         "args": record.args,
         "result": record.result,
-        "error": record.error,
+        "error": principal.error_of(record.error_type, record.error_message, record.error_traceback),
+        "waiting_for": _waiting_for(record, principal),
         "created_at": record.created_at,
         "scheduled_at": record.scheduled_at,
         "started_at": record.started_at,
@@ -289,6 +290,11 @@ def _job_out(record: JobRecord) -> dict[str, Any]:
         "status_url": job_url(record.job_id),
         "events_url": events_url(record.job_id),
     }
+
+
+def _waiting_for(record: JobRecord, principal: Principal) -> str | None:
+    waiting = job_waiting_for(job_id=record.job_id) if record.state == "todo" else None
+    return waiting.describe(show_job=principal.can_see(waiting.owner_id)) if waiting else None
 
 
 def _start_out(job: services.DeferredJob) -> dict[str, Any]:
@@ -508,7 +514,7 @@ def get_job(request: HttpRequest, job_id: int) -> dict[str, Any]:
     """State, progress, attempts, timings, and the result or the last error."""
     principal = principal_of(request)
     principal.require("read")
-    return _job_out(_visible_job(principal, job_id))
+    return _job_out(_visible_job(principal, job_id), principal)
 
 
 @api.get("/jobs/{job_id}/attempts", response={200: AttemptListOut, 404: ErrorOut, **COMMON}, tags=["jobs"],
@@ -523,8 +529,7 @@ def get_job_attempts(request: HttpRequest, job_id: int) -> dict[str, Any]:
             "number": attempt.number, "worker": attempt.worker_name or None, "outcome": attempt.outcome,
             "started_at": attempt.started_at, "finished_at": attempt.finished_at,
             "duration_ms": _duration_ms(attempt.started_at, attempt.finished_at),
-            "error": {"type": attempt.error_type, "message": attempt.error_message,
-                      "traceback": attempt.error_traceback} if attempt.error_type else None,
+            "error": principal.error_of(attempt.error_type, attempt.error_message, attempt.error_traceback),
         }
         for attempt in job_attempts(job_id=job_id)
     ]}
@@ -536,7 +541,7 @@ def get_job_attempts(request: HttpRequest, job_id: int) -> dict[str, Any]:
 def _transition(request: HttpRequest, job_id: int, action: str) -> dict[str, Any]:
     principal = principal_of(request)
     principal.require(action)
-    _visible_job(principal, job_id)
+    principal.require_on(action, _visible_job(principal, job_id).owner_id)
     {"cancel": services.job_cancel, "abort": services.job_abort, "retry": services.job_retry}[action](job_id=job_id)
     record = job_get(job_id=job_id)
     return {"id": job_id, "state": record.state, "display_state": record.display_state, "status_url": job_url(job_id)}
@@ -589,7 +594,7 @@ def _check_stream_access(principal: Principal, job_ids: list[int]) -> bool:
             row["job_id"]: row
             for row in JobRecord.objects.filter(job_id__in=job_ids).values("job_id", "owner_id", "state")
         }
-        missing = [job_id for job_id in job_ids if job_id not in rows or not principal.owns(rows[job_id]["owner_id"])]
+        missing = [job_id for job_id in job_ids if job_id not in rows or not principal.can_see(rows[job_id]["owner_id"])]
         if missing:
             raise JobNotFound(
                 f"no job has id {', '.join(map(str, missing))}", details={"missing": missing}
@@ -607,7 +612,7 @@ async def _stream(request: HttpRequest, job_ids: list[int]) -> HttpResponseBase:
     if all_final and last_event_id and last_event_id.endswith(":end") and len(job_ids) == 1 \
             and last_event_id == end_event_id(job_ids[0]):
         return HttpResponse(status=204)  # tells EventSource to stop reconnecting
-    return sse_response(job_event_stream(job_ids, last_event_id=last_event_id))
+    return sse_response(job_event_stream(job_ids, last_event_id=last_event_id, tracebacks=principal.sees_tracebacks))
 
 
 def sse_response(stream: AsyncIterator[str]) -> StreamingHttpResponse:

@@ -1,10 +1,14 @@
-"""Who is calling the API: a bearer API key with scopes, or a logged-in Django session.
+"""Who is calling the API or a job page, and what they may see and do: the one rule of job rights.
 
 API keys (`Authorization: Bearer sk_…`) act on every job within their scopes: `start` starts
 jobs, `read` reads them and follows their events, `manage` cancels, aborts and retries them.
-Session users are people in a browser: staff may do everything on every job; other users may
-start jobs (they own them) and read, follow, cancel and abort their own jobs only — someone
-else's job is answered 404, so ids cannot be probed. Unsafe methods over a session need the
+Signed-in users get what the admin would give them, never more for being staff: everyone may
+start jobs (they own them) and read, follow, cancel and abort their own; reading someone else's
+job needs staff status and the `view` (or `change`) permission on jobs, acting on it `change`
+(deleting: `delete`), exactly as the job console decides. A job the caller may not see is
+answered 404, so ids cannot be probed; one they may see but not touch is a 403 naming the
+permission. Tracebacks are for operators: users with the view permission and `manage` keys;
+everyone else sees an error's type and message only. Unsafe methods over a session need the
 CSRF token (`X-CSRFToken`), as any Django form would. Raw keys are never logged or stored.
 """
 
@@ -23,9 +27,12 @@ from jobs.apikeys import apikey_verify
 from jobs.models import ApiKey
 
 # What each action needs from an API key.
-ACTION_SCOPE = {"start": "start", "read": "read", "cancel": "manage", "abort": "manage", "retry": "manage"}
-# What a signed-in user who is not staff may do, on their own jobs.
+ACTION_SCOPE = {"start": "start", "read": "read", "cancel": "manage", "abort": "manage", "retry": "manage",
+                "delete": "manage"}
+# What any signed-in user may do on their own jobs.
 OWNER_ACTIONS = frozenset({"start", "read", "cancel", "abort"})
+# The Django permission on jobs an action on someone else's job needs (the console's ACTIONS agree).
+ACTION_PERMISSION = {"read": "view", "cancel": "change", "abort": "change", "retry": "change", "delete": "delete"}
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,17 @@ class Principal:
     user_id: int | None = None
     is_staff: bool = False
     key_id: int | None = None
+    # A user's permissions on jobs that count here: "view", "change", "delete" (staff only, as in the admin).
+    job_perms: frozenset[str] = frozenset()
 
     @property
     def sees_all_jobs(self) -> bool:
-        return self.kind == "key" or self.is_staff
+        return self.kind == "key" or "view" in self.job_perms
+
+    @property
+    def sees_tracebacks(self) -> bool:
+        """Tracebacks show file paths and the server's layout: operators only (view permission, manage key)."""
+        return "manage" in self.scopes if self.kind == "key" else "view" in self.job_perms
 
     @property
     def owner_filter(self) -> int | None:
@@ -49,9 +63,10 @@ class Principal:
         return None if self.sees_all_jobs else self.user_id
 
     def may(self, action: str) -> bool:
+        """Whether the caller may `action` at least some jobs (their own, for a user)."""
         if self.kind == "key":
             return ACTION_SCOPE[action] in self.scopes
-        return self.is_staff or action in OWNER_ACTIONS
+        return action in OWNER_ACTIONS or ACTION_PERMISSION.get(action, "") in self.job_perms
 
     def require(self, action: str) -> None:
         if self.may(action):
@@ -62,10 +77,62 @@ class Principal:
                 message=f"this API key lacks the '{scope}' scope needed to {action} jobs; "
                 f"it has: {', '.join(sorted(self.scopes)) or 'none'}"
             )
-        raise AuthorizationError(message=f"only staff users may {action} jobs")
+        raise AuthorizationError(message=_permission_message(action))
 
-    def owns(self, owner_id: int | None) -> bool:
-        return self.sees_all_jobs or (owner_id is not None and owner_id == self.user_id)
+    def can_see(self, owner_id: int | None) -> bool:
+        """Whether the caller may read a job owned by `owner_id` (None: started by a key or the system)."""
+        return self.sees_all_jobs or self.is_owner(owner_id)
+
+    owns = can_see  # the name callers used before the rule distinguished seeing from owning
+
+    def is_owner(self, owner_id: int | None) -> bool:
+        return self.kind == "user" and owner_id is not None and owner_id == self.user_id
+
+    def can_act(self, action: str, owner_id: int | None) -> bool:
+        """Whether the caller may `action` a job owned by `owner_id` (seeing it is checked apart)."""
+        if self.kind == "key":
+            return ACTION_SCOPE[action] in self.scopes
+        if self.is_owner(owner_id) and action in OWNER_ACTIONS:
+            return True
+        return ACTION_PERMISSION.get(action, "") in self.job_perms
+
+    def error_of(self, error_type: str, message: str, traceback: str) -> dict[str, str | None] | None:
+        """A job's error as this caller may see it: the traceback only for operators (else None)."""
+        if not error_type:
+            return None
+        return {"type": error_type, "message": message, "traceback": traceback if self.sees_tracebacks else None}
+
+    def require_on(self, action: str, owner_id: int | None) -> None:
+        """403 when the caller may see the job but not `action` it (call after the 404 check)."""
+        if not self.can_act(action, owner_id):
+            raise AuthorizationError(message=_permission_message(action, someone_elses=True))
+
+
+def _permission_message(action: str, *, someone_elses: bool = False) -> str:
+    permission = ACTION_PERMISSION.get(action, "change")
+    whose = "other users' jobs" if someone_elses or action not in OWNER_ACTIONS else "jobs"
+    return (f"you may not {action} {whose}: that needs staff status and the '{permission}' permission on jobs "
+            "(ask an administrator)")
+
+
+def job_perms_of(user: Any) -> frozenset[str]:
+    """The job permissions the admin would honour for `user`: none unless active staff."""
+    if not (getattr(user, "is_authenticated", False) and user.is_active and user.is_staff):
+        return frozenset()
+    perms = {name for name in ("view", "change", "delete") if user.has_perm(f"jobs.{name}_jobrecord")}
+    if "change" in perms:
+        perms.add("view")  # the admin lets `change` read too (has_view_permission)
+    return frozenset(perms)
+
+
+def user_principal(user: Any) -> Principal:
+    """The principal of a Django user; an anonymous one sees no job (views ask for a login before this)."""
+    if not getattr(user, "is_authenticated", False):
+        return Principal(kind="user", name="anonymous", scopes=frozenset())
+    return Principal(
+        kind="user", name=user.get_username(), scopes=frozenset(), user_id=user.pk,
+        is_staff=bool(user.is_staff), job_perms=job_perms_of(user),
+    )
 
 
 def key_principal(key: ApiKey) -> Principal:
@@ -114,10 +181,7 @@ class SessionUser(APIKeyCookie):
         user: Any = request.user
         if not user.is_authenticated or not user.is_active:
             return None
-        return Principal(
-            kind="user", name=user.get_username(), scopes=frozenset(), user_id=user.pk,
-            is_staff=bool(user.is_staff),
-        )
+        return user_principal(user)
 
 
 bearer_key = BearerKey()
@@ -133,7 +197,7 @@ def principal_of(request: HttpRequest) -> Principal:
 
 
 def read_access(request: HttpRequest) -> Principal | None:
-    """For plain Django views (health, metrics) behind a setting: a `read` key or a staff session."""
+    """For plain Django views (health, metrics) behind a setting: a `read` key, or a session that may read every job."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -142,9 +206,10 @@ def read_access(request: HttpRequest) -> Principal | None:
             return key_principal(key)
         return None
     user: Any = getattr(request, "user", None)
-    if user is not None and user.is_authenticated and user.is_staff:
-        return Principal(kind="user", name=user.get_username(), scopes=frozenset(), user_id=user.pk, is_staff=True)
-    return None
+    if user is None or not user.is_authenticated:
+        return None
+    principal = user_principal(user)
+    return principal if principal.sees_all_jobs else None
 
 
 def manages_jobs(principal: Principal) -> bool:

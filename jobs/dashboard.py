@@ -9,6 +9,7 @@ are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost no
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -458,12 +459,22 @@ def workers(*, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         live = bool(registered and beat is not None and beat > live_cut and stopped is None)
         out.append({
             "worker_id": wid, "name": name or f"worker-{wid}", "hostname": host or "", "pid": pid,
-            "queues": queues or [], "concurrency": concurrency, "processes": processes,
+            "queues": _queue_names(queues), "concurrency": concurrency, "processes": processes,
             "started_at": started, "stopped_at": stopped, "heartbeat": beat, "live": live,
             "in_flight": inflight,
             "status": "live" if live else ("stopped" if stopped else "dead"),
         })
     return out
+
+
+def _queue_names(value: Any) -> list[str]:
+    """A worker's queues from a raw query: Django hands jsonb over as text there, not as a list."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return [value]
+    return [str(name) for name in value] if isinstance(value, list) else []
 
 
 # --- periodic schedules ---------------------------------------------------------------------------

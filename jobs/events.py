@@ -320,7 +320,7 @@ def parse_last_event_id(value: str | None) -> tuple[int | None, str | None]:
     return (int(head), value) if head.isdigit() else (None, None)
 
 
-async def _outcome(hub: JobEventHub, job_id: int) -> dict[str, Any]:
+async def _outcome(hub: JobEventHub, job_id: int, *, tracebacks: bool = False) -> dict[str, Any]:
     rows = await hub.fetch(_OUTCOME_SQL, {"id": job_id})
     if not rows:
         return {"id": job_id, "state": "deleted", "result": None, "error": None}
@@ -328,7 +328,8 @@ async def _outcome(hub: JobEventHub, job_id: int) -> dict[str, Any]:
     data = event_data(row)
     data["result"] = row["result"]
     data["error"] = (
-        {"type": row["error_type"], "message": row["error_message"], "traceback": row["error_traceback"]}
+        {"type": row["error_type"], "message": row["error_message"],
+         "traceback": row["error_traceback"] if tracebacks else None}  # jobs.auth: operators only
         if row["error_type"] else None
     )
     data["finished_at"] = row["finished_at"].isoformat() if row["finished_at"] else None
@@ -336,9 +337,13 @@ async def _outcome(hub: JobEventHub, job_id: int) -> dict[str, Any]:
 
 
 async def job_event_stream(
-    job_ids: list[int], *, last_event_id: str | None = None, heartbeat: float | None = None
+    job_ids: list[int], *, last_event_id: str | None = None, heartbeat: float | None = None,
+    tracebacks: bool = False,
 ) -> AsyncIterator[str]:
-    """SSE text for these jobs until every one of them has ended (see the module docstring)."""
+    """SSE text for these jobs until every one of them has ended (see the module docstring).
+
+    `tracebacks`: whether `end` events carry the error's traceback (`Principal.sees_tracebacks`).
+    """
     hub = get_hub()
     ids = list(dict.fromkeys(int(i) for i in job_ids))
     interval = float(heartbeat if heartbeat is not None else settings.SKIPLOCK_SSE_HEARTBEAT)
@@ -376,7 +381,7 @@ async def job_event_stream(
                     sent[job_id] = current
                 if data["state"] in FINAL_STATES:
                     remaining.discard(job_id)
-                    yield sse("end", await _outcome(hub, job_id), id=end_event_id(job_id))
+                    yield sse("end", await _outcome(hub, job_id, tracebacks=tracebacks), id=end_event_id(job_id))
 
         async for chunk in emit_snapshot():
             yield chunk
@@ -410,7 +415,7 @@ async def job_event_stream(
                 if data["state"] in FINAL_STATES:
                     remaining.discard(job_id)
                     try:
-                        outcome = await _outcome(hub, job_id)
+                        outcome = await _outcome(hub, job_id, tracebacks=tracebacks)
                     except Exception:
                         outcome = {**data, "result": None, "error": None}
                     yield sse("end", outcome, id=end_event_id(job_id))

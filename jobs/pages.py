@@ -4,8 +4,10 @@ Server-rendered first (every page shows the current state at once and works with
 JavaScript, refreshing itself while a job runs); `static/skiplock/pages/jobs.js` then follows
 jobs live over the API's Server-Sent Events, polling `GET /api/jobs/{id}` if the stream fails.
 
-Who sees what: every page needs a login; staff see every job, other users only their own
-(anything else is a 404, so ids cannot be probed). Writes go through `jobs.services`.
+Who sees what (jobs.auth, the same rule as the API and the admin): every page needs a login;
+users see their own jobs, staff with the view permission on jobs everyone's (anything else is a
+404, so ids cannot be probed); the traceback of a failure is shown to the latter only. Writes go
+through `jobs.services`.
 
 The status component is reusable: `{% load skiplock_pages %}{% skiplock_job_status job_id %}`
 (see docs/pages.md); `job_view()` builds what it renders.
@@ -22,6 +24,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import URLPattern, get_script_prefix, path, reverse, reverse_lazy
@@ -31,10 +34,11 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobs import services
+from jobs.auth import Principal, user_principal
 from jobs.exceptions import InvalidArguments, InvalidTransition, JobNotFound, SkiplockError
 from jobs.models import JobRecord
 from jobs.registry import TaskSpec, find_task, startable_tasks
-from jobs.selectors import job_max_attempts
+from jobs.selectors import job_max_attempts, job_waiting_for
 from jobs.states import DISPLAY, FINAL_STATES, State, colour, label
 
 LOGIN_URL = reverse_lazy("pages-login")
@@ -48,12 +52,11 @@ LONG_LIST = 12
 
 
 def visible_jobs(user: Any) -> Any:
-    """The jobs `user` may see: all for staff, their own for everyone else, none when anonymous."""
+    """The jobs `user` may see (jobs.auth's rule): their own, everyone's with the view permission."""
     if not getattr(user, "is_authenticated", False):
         return JobRecord.objects.none()
-    if user.is_staff:
-        return JobRecord.objects.all()
-    return JobRecord.objects.filter(owner_id=user.pk)
+    owner_id = user_principal(user).owner_filter
+    return JobRecord.objects.all() if owner_id is None else JobRecord.objects.filter(owner_id=owner_id)
 
 
 def get_visible_job(user: Any, job_id: int) -> JobRecord:
@@ -64,11 +67,12 @@ def get_visible_job(user: Any, job_id: int) -> JobRecord:
     return record
 
 
-def can_act(user: Any, record: JobRecord) -> bool:
-    """Owners (and staff) may cancel or abort a job."""
+def can_act(user: Any, record: JobRecord, action: str = "cancel") -> bool:
+    """Owners may cancel or abort their job; others need the change permission (jobs.auth)."""
     if not getattr(user, "is_authenticated", False):
         return False
-    return bool(user.is_staff or (record.owner_id is not None and record.owner_id == user.pk))
+    principal = user_principal(user)
+    return principal.can_see(record.owner_id) and principal.can_act(action, record.owner_id)
 
 
 # --- what a page shows of a job -----------------------------------------------------------------
@@ -118,7 +122,8 @@ class JobView:
     has_result: bool
     result_items: list[ResultItem]
     result_json: str
-    error: dict[str, str] | None
+    error: dict[str, str | None] | None  # the traceback only for operators (jobs.auth)
+    waiting_for: str | None  # "lock deploy-shop-production held by job 412"
     can_cancel: bool
     can_abort: bool
     urls: dict[str, str] = field(default_factory=dict)
@@ -139,6 +144,7 @@ def job_view(record: JobRecord, user: Any = None, *, now: dt.datetime | None = N
     final = record.state in FINAL_STATES
     spec = find_task(record.task_name)
     elapsed_label, elapsed = _elapsed(record, now)
+    principal = user_principal(user)
     act = can_act(user, record)
     result = record.result
     return JobView(
@@ -168,11 +174,17 @@ def job_view(record: JobRecord, user: Any = None, *, now: dt.datetime | None = N
         has_result=record.state == State.SUCCEEDED,
         result_items=format_result(result) if record.state == State.SUCCEEDED else [],
         result_json=json.dumps(result, indent=2, sort_keys=True) if result is not None else "",
-        error=record.error,
+        error=principal.error_of(record.error_type, record.error_message, record.error_traceback),
+        waiting_for=_waiting_for(record, principal),
         can_cancel=act and record.state == State.TODO,
         can_abort=act and record.state == State.DOING,
         urls=job_urls(record.job_id),
     )
+
+
+def _waiting_for(record: JobRecord, principal: Principal) -> str | None:
+    waiting = job_waiting_for(job_id=record.job_id) if record.state == State.TODO else None
+    return waiting.describe(show_job=principal.can_see(waiting.owner_id)) if waiting else None
 
 
 def job_urls(job_id: int) -> dict[str, str]:
@@ -698,8 +710,8 @@ def job_abort(request: HttpRequest, job_id: int) -> HttpResponse:
 
 def _act(request: HttpRequest, job_id: int, action: str) -> HttpResponse:
     record = get_visible_job(request.user, job_id)
-    if not can_act(request.user, record):
-        raise Http404("No such job.")
+    if not can_act(request.user, record, action):
+        raise PermissionDenied(f"You may not {action} other users' jobs: that needs the change permission on jobs.")
     try:
         if action == "cancel":
             services.job_cancel(job_id=job_id)

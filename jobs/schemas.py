@@ -93,7 +93,9 @@ class JobBatchOut(Schema):
 class JobErrorOut(Schema):
     type: str
     message: str
-    traceback: str
+    traceback: str | None = Field(
+        description="for operators only (the view permission on jobs, or a `manage` key); null for everyone else"
+    )
 
 
 class JobSummaryOut(Schema):
@@ -121,6 +123,9 @@ class JobOut(JobSummaryOut):
     args: dict[str, Any]
     result: Any = None
     error: JobErrorOut | None
+    waiting_for: str | None = Field(
+        default=None, description="why a waiting job does not start, e.g. 'lock deploy-shop-production held by job 412'"
+    )
     worker: str | None
     idempotency_key: str | None
     events_url: str

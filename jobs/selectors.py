@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection
@@ -118,3 +119,44 @@ def job_list(
     if state:
         records = records.filter(state_filter(state))
     return list(records[:limit])
+
+
+# --- what a waiting job waits for (hardening item 23) -------------------------------------------
+
+# One statement of two index probes: the job by primary key, then the running holder of its lock
+# through procrastinate_jobs_lock_idx_v1 (unique on lock for doing rows); the holder's owner by
+# skiplock_job's primary key. A waiting job queued behind another *waiting* job of the same lock is
+# not reported: finding those would walk the whole backlog (no index serves lock for todo rows),
+# and the one ahead starts first anyway, after which this one names it as the holder.
+_WAITING_FOR_SQL = """
+SELECT job.lock, holder.id, record.owner_id
+FROM procrastinate_jobs AS job
+JOIN procrastinate_jobs AS holder ON holder.lock = job.lock AND holder.status = 'doing'
+LEFT JOIN skiplock_job AS record ON record.job_id = holder.id
+WHERE job.id = %(id)s AND job.status = 'todo' AND job.lock IS NOT NULL
+LIMIT 1
+"""
+
+
+@dataclass(frozen=True)
+class WaitingFor:
+    """The running job whose `lock` a waiting job waits for."""
+
+    lock: str
+    job_id: int
+    owner_id: int | None
+
+    def describe(self, *, show_job: bool = True) -> str:
+        """'lock deploy-shop-production held by job 412'; `show_job=False` hides a job the reader may not see."""
+        return f"lock {self.lock} held by {f'job {self.job_id}' if show_job else 'another job'}"
+
+
+def job_waiting_for(*, job_id: int) -> WaitingFor | None:
+    """What keeps a waiting job from starting, or None (not waiting, no lock, or its lock is free)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_WAITING_FOR_SQL, {"id": job_id})
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    lock, holder_id, owner_id = row
+    return WaitingFor(lock=lock, job_id=holder_id, owner_id=owner_id)

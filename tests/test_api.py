@@ -403,6 +403,11 @@ def test_session_users_own_their_jobs_and_staff_see_all(asgi_server: str, client
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert "event: end" in stream.text
 
+    # Staff status alone gives nothing more (issue 13 item 9); the admin's permissions do.
+    assert [job["id"] for job in staff.http.get("/api/jobs").json()["jobs"]] == []
+    from django.contrib.auth.models import Permission, User
+
+    User.objects.get(pk=staff.user_id).user_permissions.add(Permission.objects.get(codename="change_jobrecord"))
     assert {job["id"] for job in staff.http.get("/api/jobs").json()["jobs"]} == {mine, by_key}
     assert staff.http.get(f"/api/jobs/{by_key}").status_code == 200
     staff.http.get("/admin/login/")

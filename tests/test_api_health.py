@@ -184,7 +184,7 @@ def test_the_alert_rules_use_metrics_that_exist(asgi_server: str) -> None:
     assert {"SkiplockNoLiveWorker", "SkiplockHighFailureRate", "SkiplockQueueDepthHigh",
             "SkiplockJobPastSoftLimit"} <= set(alerts)
     exposed = {family.name for family in text_string_to_metric_families(httpx.get(f"{asgi_server}/metrics").text)}
-    exposed |= {f"{name}_total" for name in exposed} | {f"{name}_bucket" for name in exposed}
+    exposed |= {f"{name}{suffix}" for name in exposed for suffix in ("_total", "_bucket", "_sum", "_count")}
     for rule in alerts.values():
         assert rule["annotations"]["summary"]
         for name in re.findall(r"\bskiplock_[a-z_]+", rule["expr"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, cast
@@ -69,6 +70,37 @@ def state_of(record: JobRecord, now: dt.datetime | None = None) -> DisplayState:
 
 
 # --- filters ------------------------------------------------------------------------------------
+# Every filter and search term comes from the URL: anything PostgreSQL cannot take (NUL bytes, lone
+# surrogates, NaN or 1e999 in JSON) or that names nothing lists no job and says why, never a 500.
+
+
+def printable(value: str, limit: int = 60) -> str:
+    """A URL value quoted back to the user: control characters shown escaped, long ones cut."""
+    text = value.encode("unicode_escape", "backslashreplace").decode("ascii") if not value.isprintable() else value
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def unstorable(value: Any) -> str | None:
+    """Why PostgreSQL could not compare with `value` (a string or decoded JSON), or None."""
+    if isinstance(value, dict):
+        return next((problem for item in value.items() for part in item if (problem := unstorable(part))), None)
+    if isinstance(value, list):
+        return next((problem for part in value if (problem := unstorable(part))), None)
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return "contains a NUL byte (\\x00)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate"
+    return None
+
+
+def refuse(request: HttpRequest, queryset: QuerySet[JobRecord], message: str) -> QuerySet[JobRecord]:
+    messages.warning(request, message)
+    return queryset.none()
+
 
 
 class StateFilter(admin.SimpleListFilter):
@@ -87,7 +119,8 @@ class StateFilter(admin.SimpleListFilter):
         try:
             wanted = DisplayState(value)
         except ValueError:
-            return queryset.none()
+            return refuse(request, queryset, f"There is no state “{printable(value)}”; choose one of: "
+                          + ", ".join(state.value for state in DISPLAY) + ". No job is listed.")
         return queryset.filter(selectors.state_filter(wanted))
 
 
@@ -108,7 +141,10 @@ class TaskFilter(admin.SimpleListFilter):
         return [(name, name) for name in _names(request)[0]]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[JobRecord]) -> QuerySet[JobRecord]:
-        return queryset.filter(task_name=self.value()) if self.value() else queryset
+        value = self.value()
+        if value and (problem := unstorable(value)):
+            return refuse(request, queryset, f"The task filter {problem}; no job has such a name.")
+        return queryset.filter(task_name=value) if value else queryset
 
 
 class QueueFilter(admin.SimpleListFilter):
@@ -119,7 +155,10 @@ class QueueFilter(admin.SimpleListFilter):
         return [(name, name) for name in _names(request)[1]]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[JobRecord]) -> QuerySet[JobRecord]:
-        return queryset.filter(queue_name=self.value()) if self.value() else queryset
+        value = self.value()
+        if value and (problem := unstorable(value)):
+            return refuse(request, queryset, f"The queue filter {problem}; no queue has such a name.")
+        return queryset.filter(queue_name=value) if value else queryset
 
 
 WINDOWS = {"15m": dt.timedelta(minutes=15), "1h": dt.timedelta(hours=1), "24h": dt.timedelta(hours=24),
@@ -134,9 +173,13 @@ class _WindowFilter(admin.SimpleListFilter):
         return list(WINDOW_LABELS.items())
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[JobRecord]) -> QuerySet[JobRecord]:
-        window = WINDOWS.get(self.value() or "")
-        if window is None:
+        value = self.value()
+        if not value:
             return queryset
+        window = WINDOWS.get(value)
+        if window is None:
+            return refuse(request, queryset, f"“{printable(value)}” is not a time window for {self.title}; choose one "
+                          f"of: {', '.join(WINDOWS)}. No job is listed.")
         return queryset.filter(**{f"{self.field}__gte": timezone.now() - window})
 
 
@@ -155,6 +198,21 @@ class FinishedFilter(_WindowFilter):
 # Arguments have no index (a GIN index would tax every enqueue for a console search), so a search
 # in them walks the primary key over the newest jobs only, and stays bounded at any table size.
 ARGS_SEARCH_WINDOW = 100_000
+
+
+class _NotANumber(ValueError):
+    """NaN, Infinity or a number too large for a double: PostgreSQL's jsonb takes none of them."""
+
+
+def _no_constant(name: str) -> float:
+    raise _NotANumber(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotANumber(text)
+    return value
 
 
 def _newest(queryset: QuerySet[JobRecord]) -> QuerySet[JobRecord]:
@@ -289,15 +347,22 @@ class JobRecordAdmin(admin.ModelAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
+        if problem := unstorable(term):
+            return refuse(request, queryset, f"The search {problem}; no job matches it."), False
         if re.fullmatch(r"#?\d{1,18}", term):
             return queryset.filter(pk=int(term.lstrip("#"))), False
         match = re.fullmatch(r"(?:args\.)?([A-Za-z_][\w]*)\s*[=:]\s*(.+)", term)
         if match:
             key, raw = match.groups()
             try:
-                value = json.loads(raw)
+                value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+            except _NotANumber:
+                return refuse(request, queryset, f"“{printable(raw)}” is not a number a job's arguments can hold "
+                              "(JSON has no NaN or infinity); no job matches it."), False
             except ValueError:
                 value = raw
+            if problem := unstorable(value):
+                return refuse(request, queryset, f"The search {problem}; no job matches it."), False
             request._skiplock_scan = True  # type: ignore[attr-defined]
             return _newest(queryset).filter(args__contains={key: value}), False
         tasks, _queues = _names(request)
@@ -382,9 +447,27 @@ class JobRecordAdmin(admin.ModelAdmin):
         return TemplateResponse(request, self.confirmation_template, context)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        unknown = [name for name in request.GET if name not in self.url_parameters()]
+        if unknown and request.method == "GET":
+            # Django would pass `field__lookup=…` through to SQL unchecked (`task_name__regex=(` was a 500).
+            kept = request.GET.copy()
+            for name in unknown:
+                del kept[name]
+            messages.warning(request, "Ignored what the job list has no filter for: "
+                             + ", ".join(printable(name, 40) for name in unknown[:5])
+                             + (" …" if len(unknown) > 5 else "") + ". Use the filters on the right.")
+            return HttpResponseRedirect(f"{request.path}?{kept.urlencode()}" if kept else request.path)
         extra = {"title": "Jobs", **(extra_context or {}), "console_nav": _nav(request), "exact_cap": EXACT_COUNT_CAP,
                  "can_start": self.has_change_permission(request)}
         return super().changelist_view(request, extra)
+
+    def url_parameters(self) -> set[str]:
+        """The query parameters the job list understands: its filters' and the admin's own (page, order, search…)."""
+        from django.contrib.admin.views import main
+
+        # Not _popup/_to_field (no form picks a job in a popup; a bad _to_field is a 400) nor _facets (off).
+        own = {main.ALL_VAR, main.ORDER_VAR, main.PAGE_VAR, main.SEARCH_VAR, main.ERROR_FLAG}
+        return own | {str(getattr(f, "parameter_name", "")) for f in self.list_filter}
 
     # -- the detail page replaces the change form
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
@@ -421,6 +504,7 @@ class JobRecordAdmin(admin.ModelAdmin):
             "progress_bar": progress_bar(record.progress, record.state),
             "final": record.state in FINAL_STATES,
             "max_attempts": selectors.job_max_attempts(record),
+            "waiting_for": _waiting_for(record),
             "limits": {"soft": spec.soft_time_limit, "hard": spec.hard_time_limit} if spec else None,
             "args_json": json.dumps(record.args, indent=2, sort_keys=True, ensure_ascii=False),
             "result_json": (json.dumps(record.result, indent=2, sort_keys=True, ensure_ascii=False)
@@ -477,6 +561,12 @@ class JobRecordAdmin(admin.ModelAdmin):
         ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.strip().isdigit()][:200]
         only = ("job_id", "state", "scheduled_at", "attempts", "progress", "step")
         return JsonResponse({"jobs": [_status(r) for r in JobRecord.objects.filter(pk__in=ids).only(*only)]})
+
+
+def _waiting_for(record: JobRecord) -> str | None:
+    # The console's readers have the view permission: they may see the job in the way.
+    waiting = selectors.job_waiting_for(job_id=record.job_id) if record.state == State.TODO else None
+    return waiting.describe() if waiting else None
 
 
 def _status(record: JobRecord) -> dict[str, Any]:

@@ -71,9 +71,24 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
         "stalled": [{**job, "age": _age(board.now, job["heartbeat"])} for job in board.stalled],
         "queue_threshold": settings.SKIPLOCK_ALERT_QUEUE_DEPTH,
         "failure_rate": f"{board.failure_rate_hour:.1%}" if board.failure_rate_hour is not None else "—",
-        "refresh": request.GET.get("refresh", "15"),
+        "refresh": refresh_seconds(request.GET.get("refresh")),
     }
     return TemplateResponse(request, "admin/jobs/dashboard.html", context)
+
+
+# The dashboard reloads itself through a <meta http-equiv="refresh">: the value must be a plain
+# number of seconds (a string there could carry `;url=…`, an open redirect), and not so small
+# that the page reloads in a loop. 0 turns the reload off.
+REFRESH_DEFAULT, REFRESH_MIN, REFRESH_MAX = 15, 2, 3600
+
+
+def refresh_seconds(raw: str | None) -> int:
+    """`?refresh=` as whole seconds in [REFRESH_MIN, REFRESH_MAX], 0 for off, the default for anything else."""
+    text = (raw or "").strip()
+    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 12:
+        return REFRESH_DEFAULT
+    seconds = int(text)
+    return 0 if seconds == 0 else min(REFRESH_MAX, max(REFRESH_MIN, seconds))
 
 
 def _age(now: dt.datetime, moment: dt.datetime | None) -> str:

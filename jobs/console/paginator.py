@@ -26,6 +26,8 @@ class EstimatedCountPaginator(Paginator):
     @cached_property
     def count(self) -> int:
         queryset: QuerySet[Any] = self.object_list  # type: ignore[assignment]
+        if queryset.query.is_empty():  # a filter that can match nothing (an unknown state, say): no SQL to plan
+            return 0
         if not queryset.query.where:
             self.estimated = True
             return dashboard.estimated_total()

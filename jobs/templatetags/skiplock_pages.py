@@ -5,7 +5,7 @@
     {% skiplock_job_status report.job_id %}      {# full card: badge, progress, result/error #}
     {% skiplock_job_status report.job_id compact=True %}   {# one line: badge and progress #}
 
-Access follows the pages' rule: staff see every job, other users their own; a job the visitor
+Access follows jobs.auth's rule (the pages', the API's and the admin's): a job the visitor
 may not see renders as "not available", exactly like one that does not exist.
 """
 
