@@ -19,6 +19,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 django_application = get_asgi_application()
 
+from project.body_limit import BodyLimit  # noqa: E402  (reads settings: after Django is set up)
+
 logger = logging.getLogger("jobs.worker")
 
 Scope = MutableMapping[str, Any]
@@ -92,4 +94,5 @@ class LifespanWorker:
             logger.exception("the in-web worker failed while stopping")
 
 
-application = LifespanWorker(django_application)
+# BodyLimit first: a body over SKIPLOCK_MAX_BODY_BYTES is refused before Django reads any of it.
+application = LifespanWorker(BodyLimit(django_application))

@@ -15,18 +15,22 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = BASE_DIR / ".skiplock"
 
 DEBUG = env_bool("DEBUG", False)
+# DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
+EMBEDDED_DATABASE = not env_str("DATABASE_URL")
 
 
 def _secret_key() -> str:
     key = env_secret("SECRET_KEY")
     if key:
         return key
-    if not DEBUG:
+    if not DEBUG and not EMBEDDED_DATABASE:
         raise ImproperlyConfigured(
             "SECRET_KEY is not set and DEBUG is off; set SECRET_KEY (or SECRET_KEY_FILE), "
             "or DEBUG=true for local development"
         )
-    # Local development: a random key kept in the git-ignored state folder, so logins survive restarts.
+    # Local development (DEBUG, or this checkout's embedded database, so `manage.py apikey create`
+    # works as documented beside `make run`): a random key kept in the git-ignored state folder,
+    # so logins survive restarts. Production sets DATABASE_URL, and then SECRET_KEY is required.
     path = STATE_DIR / "secret-key"
     if not path.exists():
         STATE_DIR.mkdir(exist_ok=True)
@@ -65,8 +69,6 @@ def _database_from_url(url: str) -> dict[str, object]:
     }
 
 
-# DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
-EMBEDDED_DATABASE = not env_str("DATABASE_URL")
 if EMBEDDED_DATABASE:
     from project.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError
 

@@ -1,0 +1,154 @@
+"""Hardening at the edge: request bodies, configuration errors, documented commands, error codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.signals import request_started
+
+from tests.foundation_fixtures import BASE_DIR
+
+GIB = 1 << 30
+
+
+# -- request bodies: refused before anything reads them (issue 13, item 6) --------------------------
+
+
+def _address(asgi_server: str) -> tuple[str, int]:
+    host, port = asgi_server.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _read_response(sock: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response (the body up to Content-Length or close)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+@pytest.fixture
+def requests_seen() -> Iterator[list[str]]:
+    """Paths of the requests Django started handling (it sends request_started after reading the body)."""
+    seen: list[str] = []
+
+    def record(sender: Any, scope: Any = None, **kwargs: Any) -> None:
+        seen.append(scope["path"] if scope else "?")
+
+    request_started.connect(record, dispatch_uid="hardening-edge-requests-seen")
+    yield seen
+    request_started.disconnect(dispatch_uid="hardening-edge-requests-seen")
+
+
+@pytest.fixture
+def spooled_to_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many request bodies Django's ASGI handler rolled over to a temporary file on disk."""
+    import django.core.handlers.asgi as django_asgi
+
+    rolled: list[int] = []
+
+    class Watched(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def rollover(self) -> None:
+            rolled.append(1)
+            super().rollover()
+
+    monkeypatch.setattr(django_asgi.tempfile, "SpooledTemporaryFile", Watched)
+    return rolled
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", ["/api/jobs", "/admin/login/"])
+def test_a_declared_gigabyte_body_is_refused_at_once_without_reading_it(
+    asgi_server: str, requests_seen: list[str], spooled_to_disk: list[int], path: str,
+) -> None:
+    with socket.create_connection(_address(asgi_server), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {GIB}\r\n\r\n".encode() + b"x" * 65536
+        )
+        # Today the server waits for the gigabyte; the guard answers before the body arrives.
+        status, headers, body = _read_response(sock, timeout=10)
+
+    assert status == 413
+    assert headers["connection"] == "close"
+    if path.startswith("/api/"):
+        error = json.loads(body)["error"]
+        assert error["code"] == "body_too_large"
+        assert error["details"] == {"max_bytes": 1_000_000}
+    else:
+        assert headers["content-type"].startswith("text/plain")
+        assert b"over 1000000 bytes" in body
+    assert requests_seen == []  # Django never saw the request
+    assert spooled_to_disk == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_is_cut_off_the_moment_it_passes_the_limit(
+    asgi_server: str, requests_seen: list[str], spooled_to_disk: list[int],
+) -> None:
+    chunk = b"x" * 65536
+    total = 64 * 1024 * 1024  # 64 MiB offered, the limit is 1 MB
+    sent = 0
+
+    with socket.create_connection(_address(asgi_server), timeout=10) as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+
+        def send_body() -> None:
+            nonlocal sent
+            try:
+                while sent < total:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                sock.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server closed the connection: what we want
+
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        status, headers, body = _read_response(sock, timeout=30)
+        with contextlib.suppress(OSError):  # already closed by the server
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout=30)
+
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "body_too_large"
+    assert sent < total // 4, f"the server kept reading: {sent} bytes accepted"
+    assert requests_seen == []
+    assert spooled_to_disk == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bodies_within_the_limit_still_reach_django(asgi_server: str, requests_seen: list[str]) -> None:
+    import httpx
+
+    response = httpx.post(f"{asgi_server}/api/jobs", content=b"{" + b" " * 500_000 + b"}",
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 401  # read, then refused for want of a key: the guard let it through
+    assert requests_seen == ["/api/jobs"]
