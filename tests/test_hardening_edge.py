@@ -152,3 +152,51 @@ def test_bodies_within_the_limit_still_reach_django(asgi_server: str, requests_s
                           headers={"Content-Type": "application/json"})
     assert response.status_code == 401  # read, then refused for want of a key: the guard let it through
     assert requests_seen == ["/api/jobs"]
+
+
+# -- documented commands work as written; a configuration error is one line (item 22) -------------
+
+
+def _checkout_env(**env: str) -> dict[str, str]:
+    """The environment of a shell in a checkout beside `make run`: no DEBUG, no SECRET_KEY, no DATABASE_URL."""
+    cleared = {"DEBUG", "SECRET_KEY", "SECRET_KEY_FILE", "DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
+    return {**{k: v for k, v in os.environ.items() if k not in cleared}, **env}
+
+
+def _docs_apikey_command() -> str:
+    text = (BASE_DIR / "docs" / "api.md").read_text()
+    found = re.search(r"\$\((\.venv/bin/python manage\.py apikey create [^)]*)\)", text)
+    assert found is not None, "docs/api.md shows how to create a key"
+    return found.group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_the_documented_apikey_command_works_without_debug_on_the_embedded_database(
+    embedded_postgres: Any,
+) -> None:
+    if embedded_postgres is None:
+        pytest.skip("needs the embedded PostgreSQL (DATABASE_URL is set)")
+    env = _checkout_env(SKIPLOCK_PG_INSTANCE=embedded_postgres.instance)
+    migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input"], cwd=BASE_DIR, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stderr  # what `make run` does first
+
+    result = subprocess.run(["bash", "-c", _docs_apikey_command()], cwd=BASE_DIR, env=env,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sk_")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_secret_key_in_production_is_one_line_that_says_what_to_set() -> None:
+    env = _checkout_env(DATABASE_URL="postgresql://skiplock@db.internal/skiplock")
+    result = subprocess.run([sys.executable, "manage.py", "apikey", "list"], cwd=BASE_DIR, env=env,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: SECRET_KEY is not set and DEBUG is off; set SECRET_KEY (or SECRET_KEY_FILE), "
+        "or DEBUG=true for local development"
+    ]
