@@ -214,6 +214,12 @@ SKIPLOCK_IMPORT_PATHS = env_list("SKIPLOCK_IMPORT_PATHS", [])
 # --- REST API, live events, health and metrics (jobs/api.py, jobs/events.py, jobs/health.py) -----
 # Seconds between SSE heartbeat comments on an idle stream.
 SKIPLOCK_SSE_HEARTBEAT = env_float("SKIPLOCK_SSE_HEARTBEAT", 15.0, minimum=0.5)
+# Event stream limits (jobs/streams.py): seconds between re-checks of a stream's credentials (a
+# revoked key or a logout ends it), seconds after which a stream ends and the client reconnects
+# with Last-Event-ID, and open streams per API key or user in each web process (429 beyond).
+SKIPLOCK_SSE_AUTH_RECHECK = env_float("SKIPLOCK_SSE_AUTH_RECHECK", 30.0, minimum=0.1)
+SKIPLOCK_SSE_MAX_DURATION = env_float("SKIPLOCK_SSE_MAX_DURATION", 3600.0, minimum=1.0)
+SKIPLOCK_SSE_MAX_STREAMS = env_int("SKIPLOCK_SSE_MAX_STREAMS", 20, minimum=1)
 # Connections each web process uses to read job snapshots for its SSE streams (beside one LISTEN).
 SKIPLOCK_EVENTS_POOL_SIZE = env_int("SKIPLOCK_EVENTS_POOL_SIZE", 2, minimum=1)
 # A worker is live when its heartbeat is more recent than this (readiness, metrics, alerts).

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,7 +131,7 @@ def test_a_chunked_body_is_cut_off_the_moment_it_passes_the_limit(
 
         sender = threading.Thread(target=send_body, daemon=True)
         sender.start()
-        status, headers, body = _read_response(sock, timeout=30)
+        status, _headers, body = _read_response(sock, timeout=30)
         with contextlib.suppress(OSError):  # already closed by the server
             sock.shutdown(socket.SHUT_RDWR)
         sender.join(timeout=30)
@@ -200,3 +199,68 @@ def test_a_missing_secret_key_in_production_is_one_line_that_says_what_to_set() 
         "configuration error: SECRET_KEY is not set and DEBUG is off; set SECRET_KEY (or SECRET_KEY_FILE), "
         "or DEBUG=true for local development"
     ]
+
+
+# -- the error-code table says what the API answers (item 20) ----------------------------------------
+
+# SkiplockError subclasses that never leave through the API, and why.
+NOT_API_ERRORS = {
+    "error": "the base class: raised by API key creation (command and admin), never by the API",
+    "result_not_serializable": "recorded on the job by the worker, never an HTTP answer",
+}
+
+
+def _documented_codes() -> dict[str, str]:
+    """code → status, from docs/api.md's error table."""
+    text = (BASE_DIR / "docs" / "api.md").read_text()
+    table = text[text.index("| Status | `code` | When |"):]
+    table = table[: table.index("\n\n")]
+    codes: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        status, code_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        for code in re.findall(r"`([^`]+)`", code_cell):
+            codes[code] = status
+    return codes
+
+
+def _emitted_codes() -> dict[str, str | None]:
+    """code → status (None when the source does not say) of every error body the code can answer."""
+    import jobs.api  # defines and imports every error the API raises
+    import jobs.events  # noqa: F401
+    from jobs.exceptions import SkiplockError
+
+    codes: dict[str, str | None] = {}
+    pending = [SkiplockError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.code not in NOT_API_ERRORS:
+            codes[cls.code] = str(cls.status)
+    for path in [*(BASE_DIR / "jobs").rglob("*.py"), *(BASE_DIR / "project").glob("*.py")]:
+        source = path.read_text()
+        for status, code in re.findall(r'return (\d{3}), "([a-z_]+)"', source):
+            codes[code] = status
+        for code in re.findall(r'"code": "([a-z_]+)"', source):
+            codes.setdefault(code, None)
+    return codes
+
+
+def test_the_error_code_table_lists_every_code_the_api_emits_and_no_other() -> None:
+    documented = _documented_codes()
+    emitted = _emitted_codes()
+
+    assert sorted(set(emitted) - set(documented)) == [], "codes missing from docs/api.md's error table"
+    assert sorted(set(documented) - set(emitted) - {"http_<status>"}) == [], "documented codes nothing emits"
+    wrong_status = {code: (status, documented[code]) for code, status in emitted.items()
+                    if status is not None and documented[code] != status}
+    assert wrong_status == {}
+    for required in ("conflict", "invalid_value", "database_error", "internal_error", "body_too_large"):
+        assert required in documented
+
+
+def test_the_django_tasks_docstring_names_skiplocks_import_paths_setting() -> None:
+    import jobs.django_tasks
+
+    doc = jobs.django_tasks.__doc__ or ""
+    assert "SKIPLOCK_IMPORT_PATHS" in doc
+    assert "PROCRASTINATE_IMPORT_PATHS" not in doc
