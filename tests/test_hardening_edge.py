@@ -264,3 +264,107 @@ def test_the_django_tasks_docstring_names_skiplocks_import_paths_setting() -> No
     doc = jobs.django_tasks.__doc__ or ""
     assert "SKIPLOCK_IMPORT_PATHS" in doc
     assert "PROCRASTINATE_IMPORT_PATHS" not in doc
+
+
+# -- /api/docs without a CDN, a Content-Security-Policy, login throttling (item 12) -----------------
+
+SCRIPT = re.compile(r"<script\b([^>]*)>", re.IGNORECASE)
+HANDLER = re.compile(r"<[^>]+\son[a-z]+\s*=", re.IGNORECASE)
+
+
+def _csp(response: Any) -> dict[str, list[str]]:
+    header = response.headers["content-security-policy"]
+    return {part.split()[0]: part.split()[1:] for part in header.split(";") if part.strip()}
+
+
+def _assert_runs_under_its_policy(response: Any) -> None:
+    """Every script of the page is a file of this site or carries the answer's nonce; no inline handlers."""
+    assert response.status_code == 200, response.text[:300]
+    policy = _csp(response)
+    assert "'unsafe-inline'" not in policy["script-src"]
+    nonces = {value for value in policy["script-src"] if value.startswith("'nonce-")}
+    for attributes in SCRIPT.findall(response.text):
+        src = re.search(r'\bsrc="([^"]+)"', attributes)
+        nonce = re.search(r'\bnonce="([^"]+)"', attributes)
+        if src:
+            assert src.group(1).startswith("/"), f"a script from another site: {src.group(1)}"
+        elif 'type="application/json"' in attributes:
+            continue  # data, never run
+        else:
+            assert nonce and f"'nonce-{nonce.group(1)}'" in nonces, f"an inline script without the nonce: {attributes}"
+    assert HANDLER.search(response.text) is None, HANDLER.search(response.text)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_docs_serve_django_ninjas_swagger_copy_from_this_site(asgi_server: str) -> None:
+    import httpx
+
+    with httpx.Client(base_url=asgi_server, timeout=30) as http:
+        docs = http.get("/api/docs")
+        _assert_runs_under_its_policy(docs)
+        assert "cdn.jsdelivr.net" not in docs.text and "unpkg.com" not in docs.text
+        assets = re.findall(r'(?:src|href)="(/static/ninja/[^"]+)"', docs.text)
+        assert {"/static/ninja/swagger-ui-bundle.js", "/static/ninja/swagger-ui.css"} <= set(assets)
+        for asset in assets:
+            assert http.get(asset).status_code == 200, asset
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_and_the_pages_run_under_the_content_security_policy(asgi_server: str, settings: Any) -> None:
+    from jobs.apikeys import apikey_create
+    from tests.api_fixtures import login
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    key, _ = apikey_create(name="csp", scopes=["read"])
+    admin = login(asgi_server, "csp-admin", staff=True)
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.filter(pk=admin.user_id).update(is_superuser=True)
+    import httpx
+
+    anonymous = httpx.Client(base_url=asgi_server, timeout=30)
+    for page in ("/admin/login/", "/login/"):
+        _assert_runs_under_its_policy(anonymous.get(page))
+    for page in ("/admin/", "/admin/jobs/jobrecord/", f"/admin/jobs/apikey/{key.pk}/change/", "/"):
+        _assert_runs_under_its_policy(admin.http.get(page))
+    api = anonymous.get("/api/jobs")
+    assert "default-src 'self'" in api.headers["content-security-policy"]
+    anonymous.close()
+    admin.http.close()
+
+
+def _failed_sign_ins(asgi_server: str, path: str, username: str, attempts: int) -> list[int]:
+    import httpx
+
+    statuses = []
+    with httpx.Client(base_url=asgi_server, timeout=30) as http:
+        http.get(path)
+        for password in [f"wrong-{n}" for n in range(attempts)] + [f"pw-{username}"]:
+            answer = http.post(path, data={"username": username, "password": password,
+                                           "csrfmiddlewaretoken": http.cookies.get("csrftoken") or ""},
+                               headers={"Referer": f"{asgi_server}{path}"})
+            statuses.append(answer.status_code)
+    return statuses
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", ["/admin/login/", "/login/"])
+def test_repeated_failed_sign_ins_are_locked_out_with_429_and_logged(
+    asgi_server: str, settings: Any, caplog: pytest.LogCaptureFixture, path: str,
+) -> None:
+    from django.contrib.auth import get_user_model
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    username = "target" + path.replace("/", "-")
+    get_user_model().objects.create_user(username=username, password=f"pw-{username}", is_staff=True)
+
+    statuses = _failed_sign_ins(asgi_server, path, username, attempts=settings.AXES_FAILURE_LIMIT)
+
+    # Each wrong password is the form's error (200); past the limit, even the right one is refused.
+    assert statuses[: settings.AXES_FAILURE_LIMIT - 1] == [200] * (settings.AXES_FAILURE_LIMIT - 1)
+    assert statuses[-1] == 429
+    assert any("Locking out" in record.getMessage() and record.levelname == "WARNING" for record in caplog.records)
+    # Another account from the same address is not affected.
+    other = "bystander" + path.replace("/", "-")
+    get_user_model().objects.create_user(username=other, password=f"pw-{other}", is_staff=True)
+    assert _failed_sign_ins(asgi_server, path, other, attempts=0) == [302]
