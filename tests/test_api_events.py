@@ -303,9 +303,9 @@ def test_a_caller_over_the_stream_cap_gets_a_429_and_a_closed_stream_frees_its_p
     path = f"/api/jobs/{job_id}/events"
     with follow(client, path) as first, follow(client, path) as second:
         wait_for(lambda: first.events and second.events)
-        refused = client.get(path)
-        assert refused.status_code == 429
-        error = refused.json()["error"]
+        with client.stream("GET", path) as refused:
+            assert refused.status_code == 429
+            error = json.loads(refused.read())["error"]
         assert error["code"] == "too_many_streams"
         assert error["details"] == {"limit": 2}
         assert "close one" in error["message"]
