@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -370,3 +371,46 @@ def test_repeated_failed_sign_ins_are_locked_out_with_429_and_logged(
     other = "bystander" + path.replace("/", "-")
     get_user_model().objects.create_user(username=other, password=f"pw-{other}", is_staff=True)
     assert _failed_sign_ins(asgi_server, path, other, attempts=0) == [302]
+
+
+# -- gunicorn stops quietly (item 24) ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stopping_gunicorn_logs_no_socket_error() -> None:
+    import signal
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "DEBUG": "true", "PORT": str(port), "WEB_CONCURRENCY": "2"}
+    with tempfile.TemporaryFile(mode="w+") as log:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"],
+            cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=2) as answer:
+                        assert answer.status == 200
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "gunicorn did not start"
+                    assert web.poll() is None, "gunicorn exited"
+                    time.sleep(0.2)
+            web.send_signal(signal.SIGTERM)
+            assert web.wait(timeout=60) == 0
+        finally:
+            if web.poll() is None:
+                web.kill()
+                web.wait()
+        log.seek(0)
+        output = log.read()
+
+    assert output.count("Booting worker") == 2
+    assert "Shutting down: Master" in output
+    assert "Error while closing socket" not in output
+    assert "Traceback" not in output
