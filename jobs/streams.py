@@ -100,7 +100,7 @@ async def _guarded(
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
+                pending = asyncio.ensure_future(anext(events))
             timeout = max(0.0, min(deadline, next_check) - loop.time())
             done, _ = await asyncio.wait({pending}, timeout=timeout)
             if pending in done:
@@ -150,6 +150,8 @@ def _key_still_reads(key_id: int | None) -> bool:
 
     from jobs.models import ApiKey
 
+    if key_id is None:
+        return False
     scopes = (
         ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True)
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))

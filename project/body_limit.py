@@ -68,8 +68,8 @@ async def send_too_large(scope: Scope, send: Send, limit: int) -> None:
 class BodyLimit:
     """ASGI middleware: 413 for a body over the limit, before the application buffers any of it."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: Any) -> None:  # an ASGI application (Django's handler)
+        self.app: ASGIApp = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

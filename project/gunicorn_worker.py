@@ -10,11 +10,14 @@ Given the `socket.socket` inside the wrapper instead, uvloop closes it cleanly.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from uvicorn_worker import UvicornWorker as _UvicornWorker
 
 
 class UvicornWorker(_UvicornWorker):
+    sockets: list[Any]  # gunicorn's listeners (untyped upstream)
+
     def run(self) -> None:
         self.sockets = [self._plain(listener) for listener in self.sockets]
         super().run()

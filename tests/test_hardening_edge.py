@@ -73,12 +73,12 @@ def spooled_to_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     rolled: list[int] = []
 
-    class Watched(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+    class Watched(tempfile.SpooledTemporaryFile):
         def rollover(self) -> None:
             rolled.append(1)
             super().rollover()
 
-    monkeypatch.setattr(django_asgi.tempfile, "SpooledTemporaryFile", Watched)
+    monkeypatch.setattr(django_asgi.tempfile, "SpooledTemporaryFile", Watched)  # type: ignore[attr-defined]
     return rolled
 
 
@@ -414,3 +414,20 @@ def test_stopping_gunicorn_logs_no_socket_error() -> None:
     assert "Shutting down: Master" in output
     assert "Error while closing socket" not in output
     assert "Traceback" not in output
+
+
+# -- the Security section of docs/operations.md ------------------------------------------------------
+
+
+def test_the_security_section_names_every_limit_and_the_proxys_body_limit_matches_ours() -> None:
+    from django.conf import settings
+
+    text = (BASE_DIR / "docs" / "operations.md").read_text()
+    security = text[text.index("## Security"): text.index("\n## ", text.index("## Security") + 3)]
+    for name in ("SKIPLOCK_MAX_BODY_BYTES", "SKIPLOCK_SSE_MAX_STREAMS", "SKIPLOCK_SSE_AUTH_RECHECK",
+                 "SKIPLOCK_SSE_MAX_DURATION", "SKIPLOCK_LOGIN_FAILURE_LIMIT", "SKIPLOCK_LOGIN_LOCKOUT",
+                 "start", "read", "manage", "jobs.view_jobrecord", "jobs.change_jobrecord", "traceback"):
+        assert name in security, name
+    proxy = re.search(r"client_max_body_size (\d+)m;", security)
+    assert proxy is not None
+    assert int(proxy.group(1)) * 1_000_000 == settings.SKIPLOCK_MAX_BODY_BYTES
