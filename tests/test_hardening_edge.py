@@ -1,4 +1,5 @@
 """Hardening at the edge: request bodies, configuration errors, documented commands, error codes."""
+# ruff: noqa: F811  (the browser fixture imported from tests/test_admin_browser.py is redefined as an argument)
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from django.core.signals import request_started
 
 from tests.foundation_fixtures import BASE_DIR
+from tests.test_admin_browser import browser  # noqa: F401  (the chromium fixture)
 
 GIB = 1 << 30
 
@@ -431,3 +433,23 @@ def test_the_security_section_names_every_limit_and_the_proxys_body_limit_matche
     proxy = re.search(r"client_max_body_size (\d+)m;", security)
     assert proxy is not None
     assert int(proxy.group(1)) * 1_000_000 == settings.SKIPLOCK_MAX_BODY_BYTES
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_swagger_ui_renders_in_a_browser_under_the_content_security_policy(asgi_server: str, browser: Any) -> None:
+    page = browser.new_page()
+    refused: list[str] = []
+    page.on("console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None)
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+
+    page.goto(f"{asgi_server}/api/docs")
+    title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+
+    assert title is not None
+    assert "Skiplock API" in title.inner_text()
+    page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)  # the operations, from /api/openapi.json
+    assert refused == []
+    assert [url for url in requests if not url.startswith(asgi_server) and not url.startswith("data:")] == []
+    page.close()
