@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import ImproperlyConfigured
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-django_application = get_asgi_application()
+try:
+    django_application = get_asgi_application()
+except ImproperlyConfigured as exc:  # a missing SECRET_KEY, a bad variable: one line, not a traceback
+    sys.exit(f"configuration error: {exc}")
 
-from project.body_limit import BodyLimit  # noqa: E402  (reads settings: after Django is set up)
+from project.body_limit import BodyLimit  # after Django is set up (it reads settings)
 
 logger = logging.getLogger("jobs.worker")
 

@@ -192,9 +192,15 @@ def test_the_documented_apikey_command_works_without_debug_on_the_embedded_datab
     assert "Traceback" not in result.stderr
 
 
-def test_a_missing_secret_key_in_production_is_one_line_that_says_what_to_set() -> None:
-    env = _checkout_env(DATABASE_URL="postgresql://skiplock@db.internal/skiplock")
-    result = subprocess.run([sys.executable, "manage.py", "apikey", "list"], cwd=BASE_DIR, env=env,
+@pytest.mark.parametrize("command", [
+    ["manage.py", "apikey", "list"],
+    ["-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"],
+], ids=["manage.py", "gunicorn"])
+def test_a_missing_secret_key_in_production_is_one_line_that_says_what_to_set(command: list[str]) -> None:
+    from tests.conftest import free_port
+
+    env = _checkout_env(DATABASE_URL="postgresql://skiplock@db.internal/skiplock", PORT=str(free_port()))
+    result = subprocess.run([sys.executable, *command], cwd=BASE_DIR, env=env,
                             capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 1
