@@ -60,6 +60,7 @@ from jobs.schemas import (
 )
 from jobs.selectors import job_attempts, job_get, job_max_attempts, job_waiting_for, state_filter
 from jobs.states import FINAL_STATES, DisplayState, State
+from jobs.streams import limited_stream
 
 logger = logging.getLogger(__name__)
 
@@ -612,7 +613,9 @@ async def _stream(request: HttpRequest, job_ids: list[int]) -> HttpResponseBase:
     if all_final and last_event_id and last_event_id.endswith(":end") and len(job_ids) == 1 \
             and last_event_id == end_event_id(job_ids[0]):
         return HttpResponse(status=204)  # tells EventSource to stop reconnecting
-    return sse_response(job_event_stream(job_ids, last_event_id=last_event_id, tracebacks=principal.sees_tracebacks))
+    # The caller's limits (jobs/streams.py): 429 over the cap, credentials re-checked, a maximum lifetime.
+    stream = job_event_stream(job_ids, last_event_id=last_event_id, tracebacks=principal.sees_tracebacks)
+    return sse_response(limited_stream(request, principal, stream))
 
 
 def sse_response(stream: AsyncIterator[str]) -> StreamingHttpResponse:

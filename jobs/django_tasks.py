@@ -14,7 +14,7 @@
 
 Every Django task becomes a Skiplock task named by its module path (`myapp.tasks.send_welcome`)
 the moment `@task` runs, so the worker finds it once the module is imported: keep Django tasks
-in an app's `tasks.py` (autodiscovered), or list their modules in PROCRASTINATE_IMPORT_PATHS.
+in an app's `tasks.py` (autodiscovered), or list their modules in SKIPLOCK_IMPORT_PATHS.
 Positional arguments are bound to parameter names; arguments are JSON values, validated against
 the type hints like any Skiplock task. `OPTIONS["RETRY"]` sets a retry policy (default: none,
 one attempt, as Django's own backends do).

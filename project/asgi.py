@@ -11,13 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import ImproperlyConfigured
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-django_application = get_asgi_application()
+try:
+    django_application = get_asgi_application()
+except ImproperlyConfigured as exc:  # a missing SECRET_KEY, a bad variable: one line, not a traceback
+    sys.exit(f"configuration error: {exc}")
+
+from project.body_limit import BodyLimit  # after Django is set up (it reads settings)
 
 logger = logging.getLogger("jobs.worker")
 
@@ -92,4 +99,5 @@ class LifespanWorker:
             logger.exception("the in-web worker failed while stopping")
 
 
-application = LifespanWorker(django_application)
+# BodyLimit first: a body over SKIPLOCK_MAX_BODY_BYTES is refused before Django reads any of it.
+application = LifespanWorker(BodyLimit(django_application))

@@ -19,7 +19,7 @@ _host = os.environ.get("HOST", "127.0.0.1")
 _port = env_int("PORT", 8000, minimum=1)
 bind = os.environ.get("BIND") or f"{_host}:{_port}"
 workers = env_int("WEB_CONCURRENCY", 2, minimum=1)
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "project.gunicorn_worker.UvicornWorker"  # see project/gunicorn_worker.py
 graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 10, minimum=0)
 timeout = env_int("GUNICORN_TIMEOUT", 60, minimum=0)
 keepalive = 5

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 from project.env import env_bool, env_choice, env_float, env_int, env_list, env_secret, env_str
 
@@ -15,18 +17,22 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = BASE_DIR / ".skiplock"
 
 DEBUG = env_bool("DEBUG", False)
+# DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
+EMBEDDED_DATABASE = not env_str("DATABASE_URL")
 
 
 def _secret_key() -> str:
     key = env_secret("SECRET_KEY")
     if key:
         return key
-    if not DEBUG:
+    if not DEBUG and not EMBEDDED_DATABASE:
         raise ImproperlyConfigured(
             "SECRET_KEY is not set and DEBUG is off; set SECRET_KEY (or SECRET_KEY_FILE), "
             "or DEBUG=true for local development"
         )
-    # Local development: a random key kept in the git-ignored state folder, so logins survive restarts.
+    # Local development (DEBUG, or this checkout's embedded database, so `manage.py apikey create`
+    # works as documented beside `make run`): a random key kept in the git-ignored state folder,
+    # so logins survive restarts. Production sets DATABASE_URL, and then SECRET_KEY is required.
     path = STATE_DIR / "secret-key"
     if not path.exists():
         STATE_DIR.mkdir(exist_ok=True)
@@ -65,8 +71,6 @@ def _database_from_url(url: str) -> dict[str, object]:
     }
 
 
-# DATABASE_URL unset: the embedded PostgreSQL of this checkout (SKIPLOCK_PG_INSTANCE: dev or test).
-EMBEDDED_DATABASE = not env_str("DATABASE_URL")
 if EMBEDDED_DATABASE:
     from project.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError
 
@@ -89,11 +93,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "procrastinate.contrib.django",
+    "ninja",  # /api/docs uses the Swagger UI copy django-ninja ships (no CDN)
+    "axes",  # login throttling (admin and pages sign-in)
     "jobs",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -101,6 +108,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # turns a locked-out sign-in into its 429 answer
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -117,6 +125,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.csp",  # {{ csp_nonce }} for the rare inline script
             ],
         },
     },
@@ -165,6 +174,33 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
 SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy on every answer: scripts, styles, images and fonts from this site only
+# (an inline <script> needs the request's nonce: {{ csp_nonce }}); no plugins, no framing, forms
+# post here only. Inline style attributes stay allowed: progress bars set their width, Swagger UI
+# styles its own elements; a style cannot run code.
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF, CSP.NONCE],
+    "style-src": [CSP.SELF, CSP.UNSAFE_INLINE],
+    "img-src": [CSP.SELF, "data:"],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+    "form-action": [CSP.SELF],
+}
+
+# Login throttling (django-axes): after SKIPLOCK_LOGIN_FAILURE_LIMIT failed sign-ins for one
+# username from one address, that pair is refused (429, logged) for SKIPLOCK_LOGIN_LOCKOUT
+# seconds; a successful sign-in resets the count. Operators unlock early in the admin (Axes).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("SKIPLOCK_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = dt.timedelta(seconds=env_int("SKIPLOCK_LOGIN_LOCKOUT", 900, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_COOLOFF_MESSAGE = "Too many failed sign-ins for this account from your address; try again later."
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {
@@ -176,6 +212,7 @@ LOGGING = {
     "loggers": {
         "procrastinate": {"level": env_choice("PROCRASTINATE_LOG_LEVEL", "WARNING", _LOG_LEVELS)},
         "django.db.backends": {"level": "INFO"},
+        "axes.apps": {"level": "WARNING"},  # no version banner on every command
     },
 }
 
@@ -212,6 +249,12 @@ SKIPLOCK_IMPORT_PATHS = env_list("SKIPLOCK_IMPORT_PATHS", [])
 # --- REST API, live events, health and metrics (jobs/api.py, jobs/events.py, jobs/health.py) -----
 # Seconds between SSE heartbeat comments on an idle stream.
 SKIPLOCK_SSE_HEARTBEAT = env_float("SKIPLOCK_SSE_HEARTBEAT", 15.0, minimum=0.5)
+# Event stream limits (jobs/streams.py): seconds between re-checks of a stream's credentials (a
+# revoked key or a logout ends it), seconds after which a stream ends and the client reconnects
+# with Last-Event-ID, and open streams per API key or user in each web process (429 beyond).
+SKIPLOCK_SSE_AUTH_RECHECK = env_float("SKIPLOCK_SSE_AUTH_RECHECK", 30.0, minimum=0.1)
+SKIPLOCK_SSE_MAX_DURATION = env_float("SKIPLOCK_SSE_MAX_DURATION", 3600.0, minimum=1.0)
+SKIPLOCK_SSE_MAX_STREAMS = env_int("SKIPLOCK_SSE_MAX_STREAMS", 20, minimum=1)
 # Connections each web process uses to read job snapshots for its SSE streams (beside one LISTEN).
 SKIPLOCK_EVENTS_POOL_SIZE = env_int("SKIPLOCK_EVENTS_POOL_SIZE", 2, minimum=1)
 # A worker is live when its heartbeat is more recent than this (readiness, metrics, alerts).

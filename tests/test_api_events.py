@@ -19,8 +19,11 @@ from tests.api_fixtures import (  # noqa: F401  (fixtures)
     FAST_DEPLOY,
     WorkerThread,
     api_key,
+    bearer,
     clean_queue,
     client,
+    login,
+    make_key,
     wait_for,
 )
 
@@ -42,6 +45,7 @@ class Stream:
     response: httpx.Response
     events: list[Event] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)  # `retry:` hints, in order
     closed: threading.Event = field(default_factory=threading.Event)
 
     def read(self) -> None:
@@ -58,6 +62,8 @@ class Stream:
                 else:
                     name, _, value = line.partition(":")
                     fields[name] = value.removeprefix(" ")
+                    if name == "retry":
+                        self.retries.append(fields[name])
         except httpx.HTTPError:
             pass
         finally:
@@ -224,3 +230,93 @@ def test_job_event_stream_is_reusable_from_python(client: httpx.Client) -> None:
     assert chunks[0].startswith("retry:")
     assert chunks[1].startswith(f"id: {job_id}:0:cancelled:0\nevent: state\ndata: ")
     assert chunks[-1].startswith(f"id: {job_id}:end\nevent: end\n")
+
+
+# -- limits: credentials re-checked, a maximum lifetime, a cap per caller (issue 13, item 11) ----------
+
+
+def start_job(client: httpx.Client) -> int:
+    return int(client.post("/api/jobs", json={"task": "deploy_stack", "args": FAST_DEPLOY}).json()["id"])
+
+
+def test_a_revoked_key_ends_its_open_stream_within_the_recheck_interval(
+    client: httpx.Client, asgi_server: str, settings: Any,
+) -> None:
+    from jobs.apikeys import apikey_revoke
+    from jobs.models import ApiKey
+
+    settings.SKIPLOCK_SSE_AUTH_RECHECK = 1.0
+    job_id = start_job(client)
+    reader_key = make_key("read", name="dashboard")
+    with httpx.Client(base_url=asgi_server, headers=bearer(reader_key), timeout=30) as reader, \
+            follow(reader, f"/api/jobs/{job_id}/events") as stream:
+        wait_for(lambda: stream.events)
+        assert not stream.closed.wait(2.5)  # re-checked, still valid: the stream stays
+        assert apikey_revoke(key_id=ApiKey.objects.get(name="dashboard").pk)
+        assert stream.closed.wait(10), "the stream outlived its key"
+        assert reader.get(f"/api/jobs/{job_id}/events").status_code == 401  # and no way back in
+    assert stream.kinds() == ["state"]  # the job never ended: the revocation closed the stream
+
+
+def test_logging_out_ends_the_sessions_open_stream(asgi_server: str, settings: Any) -> None:
+    from django.contrib.sessions.models import Session
+
+    settings.SKIPLOCK_SSE_AUTH_RECHECK = 1.0
+    user = login(asgi_server, "stream-user")
+    started = user.http.post("/api/jobs", json={"task": "deploy_stack", "args": FAST_DEPLOY},
+                             headers=user.unsafe_headers())
+    assert started.status_code == 202, started.text
+    with follow(user.http, f"/api/jobs/{started.json()['id']}/events") as stream:
+        wait_for(lambda: stream.events)
+        assert not stream.closed.wait(2.5)
+        Session.objects.all().delete()  # what logging out does to the session (flush)
+        assert stream.closed.wait(10), "the stream outlived its session"
+    user.http.close()
+
+
+def test_a_stream_ends_at_its_maximum_duration_with_a_retry_hint_and_resumes_from_last_event_id(
+    client: httpx.Client, settings: Any,
+) -> None:
+    settings.SKIPLOCK_SSE_MAX_DURATION = 1.5
+    job_id = start_job(client)
+    with follow(client, f"/api/jobs/{job_id}/events") as stream:
+        assert stream.closed.wait(10), "the stream outlived SKIPLOCK_SSE_MAX_DURATION"
+    assert stream.kinds() == ["state"]
+    assert stream.retries[-1] == "1000"  # the last word: come back in a second
+    last_id = stream.events[-1].id
+    assert last_id is not None
+
+    settings.SKIPLOCK_SSE_MAX_DURATION = 60
+    with follow(client, f"/api/jobs/{job_id}/events", **{"Last-Event-ID": last_id}) as resumed:
+        time.sleep(0.5)
+        assert resumed.events == []  # the client is current: no snapshot again
+        client.post(f"/api/jobs/{job_id}/cancel")
+        assert resumed.closed.wait(10)
+    assert resumed.kinds() == ["state", "end"]
+
+
+def test_a_caller_over_the_stream_cap_gets_a_429_and_a_closed_stream_frees_its_place(
+    client: httpx.Client, asgi_server: str, settings: Any,
+) -> None:
+    settings.SKIPLOCK_SSE_MAX_STREAMS = 2
+    job_id = start_job(client)
+    path = f"/api/jobs/{job_id}/events"
+    with follow(client, path) as first, follow(client, path) as second:
+        wait_for(lambda: first.events and second.events)
+        with client.stream("GET", path) as refused:
+            assert refused.status_code == 429
+            error = json.loads(refused.read())["error"]
+        assert error["code"] == "too_many_streams"
+        assert error["details"] == {"limit": 2}
+        assert "close one" in error["message"]
+        # The cap is per caller: another key is not affected.
+        with httpx.Client(base_url=asgi_server, headers=bearer(make_key("read", name="other")), timeout=30) as other, \
+                follow(other, path) as elsewhere:
+            wait_for(lambda: elsewhere.events)
+    # Both closed: their places are free again.
+    wait_for(lambda: _stream_status(client, path) == 200, timeout=10)
+
+
+def _stream_status(client: httpx.Client, path: str) -> int:
+    with client.stream("GET", path) as response:
+        return response.status_code

@@ -98,10 +98,21 @@ def test_env_secret_reads_a_file_named_by_NAME_FILE(monkeypatch: pytest.MonkeyPa
 
 
 def test_debug_is_off_unless_set_and_a_missing_secret_key_is_then_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    production_database = "postgresql://skiplock@db.internal/skiplock"
     with pytest.raises(ImproperlyConfigured, match="SECRET_KEY is not set and DEBUG is off; set SECRET_KEY"):
-        load_settings(monkeypatch)
+        load_settings(monkeypatch, DATABASE_URL=production_database)
     with pytest.raises(ImproperlyConfigured, match="SECRET_KEY is not set and DEBUG is off"):
-        load_settings(monkeypatch, DEBUG="false", SECRET_KEY="")
+        load_settings(monkeypatch, DEBUG="false", SECRET_KEY="", DATABASE_URL=production_database)
+
+
+def test_the_embedded_database_is_development_so_commands_need_no_debug_or_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = load_settings(monkeypatch)  # a shell in a checkout beside `make run`
+
+    assert names["DEBUG"] is False
+    assert names["EMBEDDED_DATABASE"] is True
+    assert names["SECRET_KEY"] == (BASE_DIR / ".skiplock" / "secret-key").read_text().strip()
 
 
 def test_production_defaults_are_secure(monkeypatch: pytest.MonkeyPatch) -> None:
