@@ -42,7 +42,7 @@ from jobs.auth import API_AUTH, Principal, manages_jobs, principal_of
 from jobs.events import end_event_id, job_event_stream
 from jobs.exceptions import InvalidArguments, JobNotFound, SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import find_task, known_queues, startable_tasks
+from jobs.registry import find_task, startable_tasks
 from jobs.schemas import (
     AttemptListOut,
     ErrorOut,
@@ -330,7 +330,7 @@ def _defer_request(item: JobStartIn, principal: Principal, prefix: str = "") -> 
 
 
 def _check_placement(item: JobStartIn, principal: Principal, prefix: str) -> None:
-    """Another priority than the task's, or a queue nobody declared, is for managers only.
+    """Another priority or queue than the task's is for managers only.
 
     A high priority with a far `run_at` let any starter hold a task's `lock` against everyone's
     jobs; free queue names grew every per-queue view and metric (issue 13 items 1 and 5).
@@ -343,10 +343,9 @@ def _check_placement(item: JobStartIn, principal: Principal, prefix: str) -> Non
         raise AuthorizationError(
             message=f"{prefix}priority: choosing a job's priority {needs}; leave it out to use the task's ({spec.priority})"
         )
-    if item.queue is not None and item.queue != spec.queue and item.queue not in known_queues():
-        known = ", ".join(sorted(known_queues()))
+    if item.queue is not None and item.queue != spec.queue:
         raise AuthorizationError(
-            message=f"{prefix}queue: '{item.queue}' is not a known queue ({known}); a new queue {needs}"
+            message=f"{prefix}queue: choosing a job's queue {needs}; leave it out to use the task's ('{spec.queue}')"
         )
 
 

@@ -266,14 +266,17 @@ def test_the_job_list_query_uses_its_index() -> None:
     from jobs.api import JobFilters, jobs_page
 
     with connection.cursor() as cursor:
-        cursor.execute("SET enable_seqscan = off")  # tiny test table: ask what the plan would be at scale
+        # Tiny test table: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
         for filters in (JobFilters(task="deploy_stack"), JobFilters(queue="cpu"),
                         JobFilters(state=[State.FAILED]), JobFilters(display_state=[DisplayState.FAILED])):
             cursor.execute("EXPLAIN " + _list_sql(filters))
             plan = "\n".join(row[0] for row in cursor.fetchall())
             assert "Index" in plan, plan
             assert "Sort" not in plan, plan
-        cursor.execute("SET enable_seqscan = on")
+        cursor.execute("RESET enable_seqscan")
+        cursor.execute("RESET enable_bitmapscan")
     assert jobs_page(JobFilters(), owner_id=None) == ([], None)
 
 

@@ -142,7 +142,7 @@ def test_the_registry_lists_tasks_with_schema_queue_priority_and_policies() -> N
     assert "fail_at_step" in deploy["args_schema"]["properties"]
     assert get_task("optimize_route").describe()["queue"] == "cpu"
     assert get_task("tests.core.unique").describe()["queueing_lock"] == "unique-{key}"
-    with pytest.raises(TaskNotFound, match="unknown task 'nope'; known tasks: deploy_stack"):
+    with pytest.raises(TaskNotFound, match=r"unknown task 'nope'; known tasks: .*deploy_stack"):
         get_task("nope")
 
 
