@@ -67,13 +67,13 @@ def end_attempt(
 
 def recover_stalled_jobs(
     *, stalled_after: float | None = None, worker_ids: list[int] | None = None, batch: int = 500,
-    reason: str | None = None, outcome: str = "lost", force_retry: bool = False,
+    reason: str | None = None, outcome: str = "lost",
 ) -> SweepReport:
     """Requeue (or fail, when lost too often) every `doing` job whose worker is gone; forget those workers.
 
     `worker_ids` limits the sweep to those workers and treats them as dead whatever their
     heartbeat (the supervisor uses it the moment a child process dies). A lost-worker requeue
-    uses up no retry (`force_retry` is kept for callers; it changes nothing any more).
+    uses up no retry.
     """
     stalled_after = float(settings.SKIPLOCK_STALLED_AFTER if stalled_after is None else stalled_after)
     recovery = transitions.recover_stalled(

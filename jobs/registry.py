@@ -465,19 +465,6 @@ def _startable_names() -> str:
     return ", ".join(spec.name for spec in startable_tasks()) or "none"
 
 
-def known_queues() -> frozenset[str]:
-    """Queues anyone who may start jobs may name: the startable tasks' and those of settings.TASKS.
-
-    A new queue name (which grows every per-queue view and metric) needs the `manage` scope.
-    """
-    from django.conf import settings
-
-    declared = {
-        queue for backend in getattr(settings, "TASKS", {}).values() for queue in backend.get("QUEUES", ()) or ()
-    }
-    return frozenset({spec.queue for spec in startable_tasks()} | declared)
-
-
 from jobs.context import JobContext  # noqa: E402  (the one import for task authors)
 
 __all__ = [
