@@ -19,7 +19,7 @@ from typing import Any
 
 from procrastinate import exceptions as procrastinate_exceptions
 
-from jobs.exceptions import SoftTimeLimitExceeded
+from jobs.exceptions import JobAborted, SoftTimeLimitExceeded
 
 _current: ContextVar[JobContext | None] = ContextVar("skiplock_job", default=None)
 
@@ -67,6 +67,37 @@ class JobContext:
     abort_requested: bool = False  # set by the worker when it learns of an abort request
     soft_limit_hit: bool = False
     thread_id: int | None = field(default=None, repr=False)
+    worker_id: int | None = None  # the worker running this attempt (the fence of what it writes)
+    # A sync task that asks for it is interrupted (JobAborted, not an Exception) when an abort is
+    # requested, instead of stopping cooperatively: Celery's revoke(terminate=True) (jobs.celery).
+    interrupt_on_abort: bool = False
+
+    @property
+    def retries(self) -> int:
+        """Attempts before this one (Celery's `request.retries`)."""
+        return self.attempt - 1
+
+    def set_state(self, state: str, meta: Any = None) -> bool:
+        """Label this running job with a custom state and free-form JSON meta (one fenced write).
+
+        A `progress` (0–100) or `current` + `total` in the meta sets the job's progress, and a
+        `step` (or `status`) text its step. Returns False when this attempt no longer runs here.
+        """
+        from jobs.transitions import write_custom_state
+
+        if self.should_abort():
+            raise JobAborted(f"job {self.job_id} was asked to abort")
+        progress, step = progress_in(meta)
+        written = write_custom_state(
+            job_id=self.job_id, worker_id=self.worker_id, attempts=self.attempt - 1, state=state, meta=meta,
+            progress=progress, step=step,
+        )
+        if progress is not None and self._progress is not None:
+            with self._progress.lock:  # a pending older report must not overwrite this value
+                self._progress.percent = progress
+                if step is not None:
+                    self._progress.step = step[:255]
+        return written
 
     def report_progress(self, percent: float, step: str | None = None) -> None:
         """Record progress (0–100) and an optional step text; raises JobAborted if abort was asked."""
@@ -100,3 +131,24 @@ class JobContext:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started_monotonic
+
+
+def progress_in(meta: Any) -> tuple[int | None, str | None]:
+    """The progress (0–100) and step a custom state's meta describes, if it does."""
+    if not isinstance(meta, dict):
+        return None, None
+    progress: int | None = None
+    value = _number(meta.get("progress", meta.get("percent")))
+    current, total = _number(meta.get("current")), _number(meta.get("total"))
+    if value is not None:
+        progress = int(max(0.0, min(100.0, value)))
+    elif current is not None and total is not None and total > 0:
+        progress = int(max(0.0, min(100.0, 100 * current / total)))
+    step = meta.get("step", meta.get("status"))
+    return progress, step if isinstance(step, str) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return None

@@ -73,13 +73,30 @@ class ResultNotSerializable(SkiplockError):
     status = 500
 
 
-class TimeLimitExceeded(Exception):
+class TimeLimitExceeded(BaseException):
     """The job ran past a time limit."""
 
 
-class SoftTimeLimitExceeded(TimeLimitExceeded):
+class SoftTimeLimitExceeded(TimeLimitExceeded, Exception):
     """The job ran past its soft time limit; it may catch this to clean up."""
 
 
 class HardTimeLimitExceeded(TimeLimitExceeded):
-    """The job ran past its hard time limit and was killed."""
+    """The job ran past its hard time limit and was stopped.
+
+    Not an `Exception`: a task that wraps its work in `except Exception` (log, return a failure
+    dict) cannot swallow it and go on to succeed.
+    """
+
+
+class JobAborted(BaseException):
+    """The job was asked to abort (revoked) while it ran, and was stopped.
+
+    Raised in a sync task's thread by the worker. Not an `Exception`, for the reason
+    HardTimeLimitExceeded is not; `report_progress` raises procrastinate's JobAborted, which
+    a task may catch to clean up.
+    """
+
+
+class JobExpired(Exception):
+    """The job's expiry time passed before it ran; it was not run."""

@@ -44,6 +44,11 @@ class JobSide(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
         db_constraint=False, related_name="+",
     )
+    # Issue 14 (migration 0013): a label the running task gave itself (Celery's custom states), the
+    # attempt that set it (attempts as claimed: the label belongs to that run), and free-form meta.
+    custom_state = models.CharField(max_length=64, blank=True, default="", db_default="")
+    custom_state_attempt = models.IntegerField(null=True, blank=True)
+    meta = models.JSONField(null=True, blank=True)
 
     class Meta:
         db_table = "skiplock_job"
@@ -105,6 +110,8 @@ class JobRecord(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
         db_constraint=False, related_name="+",
     )
+    custom_state = models.CharField(max_length=64, blank=True, default="")  # only while its attempt runs
+    meta = models.JSONField(null=True, blank=True)
 
     class Meta:
         managed = False

@@ -23,7 +23,7 @@ from typing import Any
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as procrastinate_jobs
 
-from jobs.exceptions import ResultNotSerializable, TimeLimitExceeded
+from jobs.exceptions import JobAborted, ResultNotSerializable, TimeLimitExceeded
 from jobs.registry import RetryPolicy
 
 logger = logging.getLogger("jobs.worker")
@@ -115,7 +115,7 @@ def failed(
     timed_out = isinstance(exc, TimeLimitExceeded)
     ending = Ending(job=job, status="failed", outcome="timed_out" if timed_out else "failed",
                     started_at=started_at, error_type=error_type, error_message=message, traceback=tb)
-    if isinstance(exc, procrastinate_exceptions.JobAborted | asyncio.CancelledError):
+    if isinstance(exc, procrastinate_exceptions.JobAborted | JobAborted | asyncio.CancelledError):
         ending.status = ending.outcome = "aborted"
     elif not abort_requested:  # an abort-requested job is never retried (procrastinate's rule)
         retry_at = _retry_at(job, exc, policy=policy, procrastinate_task=procrastinate_task)
@@ -135,7 +135,7 @@ def _retry_at(job: Claimed, exc: BaseException, *, policy: RetryPolicy | None, p
         judged = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
         if not policy.should_retry(judged, attempts_done):
             return None
-        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=policy.delay(attempts_done))
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=policy.retry_delay(judged, attempts_done))
     strategy = getattr(procrastinate_task, "retry_strategy", None)
     if strategy is None:
         return None

@@ -7,8 +7,12 @@
         ctx.report_progress(10, "loading")
         ...
 
-Arguments are keyword-only JSON values described by the function's type hints: one pydantic
-model per task validates every start (API, command, Python) and publishes the JSON schema.
+Arguments are JSON values described by the function's type hints: one pydantic model per task
+validates every start (API, command, Python) and publishes the JSON schema. A job's arguments are
+one JSON object: keyword arguments by name, and positional ones — for tasks that take them
+(`def f(a, b, *rest, **extra)`) — in order under the reserved key `"__args__"` (ARGS_KEY), stored
+as given. `"__expires__"` (EXPIRES_KEY, an ISO 8601 time) is the other reserved key: past it the
+job is not run and ends failed with `JobExpired`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import inspect
 import random
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -30,7 +34,13 @@ from procrastinate import retry as procrastinate_retry
 from procrastinate.contrib.django import app
 from procrastinate.jobs import Job
 
-from jobs.exceptions import InvalidArguments, ResultNotSerializable, TaskNotFound
+from jobs.exceptions import (
+    InvalidArguments,
+    JobAborted,
+    JobExpired,
+    ResultNotSerializable,
+    TaskNotFound,
+)
 
 DEFAULT_SOFT_TIME_LIMIT = 3600.0
 DEFAULT_HARD_TIME_LIMIT = 7200.0
@@ -48,6 +58,11 @@ INTERNAL_PRIORITY = MAX_PRIORITY + 1
 QUEUE_CHANNEL_PREFIX = "procrastinate_queue_v1#"
 MAX_QUEUE_LENGTH = 63 - len(QUEUE_CHANNEL_PREFIX)
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Reserved keys of a job's argument object (module docstring).
+ARGS_KEY = "__args__"
+EXPIRES_KEY = "__expires__"
+RESERVED_KEYS = frozenset({ARGS_KEY, EXPIRES_KEY})
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,10 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
         spread = base * self.jitter
         return max(0.0, min(base + random.uniform(-spread, spread), self.max_backoff))
 
+    def retry_delay(self, exception: BaseException, retry_number: int) -> float:
+        """Seconds before the retry that `exception` asks for (policies may read the exception)."""
+        return self.delay(retry_number)
+
     def should_retry(self, exception: BaseException, attempts_done: int) -> bool:
         if attempts_done >= self.max_attempts:
             return False
@@ -93,7 +112,7 @@ class RetryPolicy(procrastinate_retry.BaseRetryStrategy):
         attempts_done = job.attempts + 1  # procrastinate counts finished attempts; this one is ending
         if not self.should_retry(exception, attempts_done):
             return None
-        retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.delay(attempts_done))
+        retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.retry_delay(exception, attempts_done))
         return procrastinate_retry.RetryDecision(retry_at=retry_at)
 
     def describe(self) -> dict[str, Any]:
@@ -114,9 +133,11 @@ NO_RETRY = RetryPolicy(max_retries=0)
 # CancelledError: never retrying it is what makes an aborted async job end `aborted`, not `failed`.
 _NEVER_RETRY: tuple[type[BaseException], ...] = (
     procrastinate_exceptions.JobAborted,
+    JobAborted,
     asyncio.CancelledError,
     InvalidArguments,
     ResultNotSerializable,
+    JobExpired,
 )
 
 
@@ -138,6 +159,17 @@ class TaskSpec:
     description: str
     procrastinate_task: Any = field(repr=False, default=None)
     check: Callable[[dict[str, Any]], None] | None = field(repr=False, default=None)
+    # The function's parameters (its context excluded). Empty: keyword arguments only, described
+    # by `args_model` alone (a hand-made model).
+    parameters: tuple[inspect.Parameter, ...] = field(repr=False, default=())
+    # Store arguments exactly as given (adapters: Django tasks, Celery); native tasks store their
+    # keyword arguments with the defaults filled in.
+    store_as_given: bool = False
+
+    @property
+    def takes_positional(self) -> bool:
+        """True when the function takes positional-only, `*args` or `**kwargs` parameters."""
+        return any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self.parameters)
 
     @property
     def is_async(self) -> bool:
@@ -152,8 +184,97 @@ class TaskSpec:
                 f"arguments of task '{self.name}' must be a JSON object",
                 details=[{"field": "args", "message": "expected an object", "type": "type_error"}],
             )
+        extra = {key: args[key] for key in RESERVED_KEYS if key in args}
+        if EXPIRES_KEY in extra:
+            extra[EXPIRES_KEY] = self._expires(extra[EXPIRES_KEY])
+        if self.parameters and (ARGS_KEY in args or self.takes_positional or self.store_as_given):
+            return {**self._validate_bound(args), **{k: v for k, v in extra.items() if k != ARGS_KEY}}
+        if ARGS_KEY in args:
+            raise self._invalid(ARGS_KEY, f"task '{self.name}' takes no positional arguments; expected: "
+                                f"{self.signature()}")
+        args = {key: value for key, value in args.items() if key not in RESERVED_KEYS}
+        values = self._checked(self._model(args).model_dump(mode="json"))
+        return {**values, **extra}
+
+    def _invalid(self, where: str, message: str, kind: str = "type_error") -> InvalidArguments:
+        return InvalidArguments(
+            f"invalid arguments for task '{self.name}': {message}",
+            details=[{"field": where, "message": message, "type": kind}],
+        )
+
+    def _expires(self, value: Any) -> str:
         try:
-            model = self.args_model.model_validate(args)
+            when = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise self._invalid(EXPIRES_KEY, "must be an ISO 8601 time with a time zone", "value_error")
+        return when.isoformat()
+
+    def bind(self, args: dict[str, Any]) -> inspect.BoundArguments:
+        """The stored arguments (`__args__` + keywords) bound to the function's parameters."""
+        positional = args.get(ARGS_KEY, [])
+        if not isinstance(positional, list):
+            raise self._invalid(ARGS_KEY, "positional arguments must be a JSON array")
+        keywords = {key: value for key, value in args.items() if key not in RESERVED_KEYS}
+        try:
+            return inspect.Signature(list(self.parameters)).bind(*positional, **keywords)
+        except TypeError as exc:
+            raise self._invalid("args", f"{exc}; expected: {self.signature()}") from None
+
+    def _bound_model(self, bound: inspect.BoundArguments) -> pydantic.BaseModel:
+        return self._model({name: list(value) if isinstance(value, tuple) else value
+                            for name, value in bound.arguments.items()})
+
+    def _validate_bound(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Validated arguments in the shape they were given: `__args__` in order, then the keywords."""
+        bound = self.bind(args)
+        dumped = self._bound_model(bound).model_dump(mode="json")
+        given = len(args.get(ARGS_KEY, []))
+        named = [p for p in self.parameters if p.kind in _POSITIONAL]
+        var_positional = next((p for p in self.parameters if p.kind == p.VAR_POSITIONAL), None)
+        var_keyword = next((p for p in self.parameters if p.kind == p.VAR_KEYWORD), None)
+        positional = [dumped[p.name] for p in named[:given]]
+        if var_positional is not None and given > len(named):
+            positional += dumped[var_positional.name]
+        by_name = {p.name for p in self.parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        keywords: dict[str, Any] = {}
+        for key in args:
+            if key in RESERVED_KEYS:
+                continue
+            keywords[key] = dumped[key] if key in by_name or var_keyword is None else dumped[var_keyword.name][key]
+        if not self.store_as_given:  # native tasks: defaults filled in, as for keyword-only tasks
+            for p in self.parameters:
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in bound.arguments:
+                    keywords[p.name] = dumped[p.name]
+        self._checked(dumped)
+        return {**keywords, **({ARGS_KEY: positional} if positional else {})}
+
+    def call_arguments(self, args: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The stored arguments as Python values for the call: (positional, keywords)."""
+        if not self.parameters or (ARGS_KEY not in args and not self.takes_positional):
+            model = self._model({k: v for k, v in args.items() if k not in RESERVED_KEYS})
+            return [], {name: getattr(model, name) for name in self.args_model.model_fields}
+        bound = self.bind(args)
+        model = self._bound_model(bound)
+        positional: list[Any] = []
+        keywords: dict[str, Any] = {}
+        has_rest = bool(bound.arguments.get(next(
+            (p.name for p in self.parameters if p.kind == p.VAR_POSITIONAL), ""), ()))
+        for p in self.parameters:
+            if p.kind == p.POSITIONAL_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and has_rest):
+                positional.append(getattr(model, p.name))
+            elif p.kind == p.VAR_POSITIONAL:
+                positional.extend(getattr(model, p.name))
+            elif p.kind == p.VAR_KEYWORD:
+                keywords.update(getattr(model, p.name))
+            elif p.name in bound.arguments or not self.store_as_given:
+                keywords[p.name] = getattr(model, p.name)
+        return positional, keywords
+
+    def _model(self, values: dict[str, Any]) -> pydantic.BaseModel:
+        try:
+            return self.args_model.model_validate(values)
         except pydantic.ValidationError as exc:
             raise InvalidArguments(
                 f"invalid arguments for task '{self.name}': "
@@ -168,7 +289,8 @@ class TaskSpec:
                     for err in exc.errors()
                 ],
             ) from None
-        values = model.model_dump(mode="json")
+
+    def _checked(self, values: dict[str, Any]) -> dict[str, Any]:
         if self.check is not None:
             try:
                 self.check(values)
@@ -187,12 +309,60 @@ class TaskSpec:
         return values
 
     def json_schema(self) -> dict[str, Any]:
-        return self.args_model.model_json_schema()
+        """The JSON schema of a job's argument object, as stored (`__args__` for positional ones)."""
+        schema = self.args_model.model_json_schema()
+        if not self.takes_positional and not self.store_as_given:
+            return schema
+        properties = schema.setdefault("properties", {})
+        required = schema.get("required", [])
+        positional_items = []
+        for p in self.parameters:
+            field_schema = properties.get(p.name, {})
+            if p.kind == p.POSITIONAL_ONLY:
+                positional_items.append(properties.pop(p.name, {}))
+                required = [r for r in required if r != p.name]
+            elif p.kind == p.POSITIONAL_OR_KEYWORD:
+                positional_items.append(field_schema)
+            elif p.kind == p.VAR_POSITIONAL:
+                rest = properties.pop(p.name, {})
+                schema["x-var-positional"] = p.name
+                if "items" in rest:
+                    schema["x-var-positional-items"] = rest["items"]
+            elif p.kind == p.VAR_KEYWORD:
+                extra = properties.pop(p.name, {})
+                schema["additionalProperties"] = extra.get("additionalProperties", True)
+        names = ", ".join(self._parameter_text(p) for p in self.parameters if p.kind != p.KEYWORD_ONLY
+                          and p.kind != p.VAR_KEYWORD)
+        properties[ARGS_KEY] = {
+            "type": "array", "title": "Positional arguments",
+            "description": f"positional arguments in order: {names or 'none'}",
+            **({"prefixItems": positional_items} if positional_items else {}),
+        }
+        if required:
+            schema["required"] = required
+        else:
+            schema.pop("required", None)
+        # Named parameters given positionally are not required by name.
+        if any(p.kind == p.POSITIONAL_OR_KEYWORD for p in self.parameters):
+            schema.pop("required", None)
+        return schema
+
+    def _parameter_text(self, p: inspect.Parameter) -> str:
+        prefix = "*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else ""
+        info = self.args_model.model_fields.get(p.name)
+        hint = "" if info is None else _hint_text(info.annotation)
+        return f"{prefix}{p.name}" + (f" ({hint})" if hint and hint != "Any" else "")
 
     def signature(self) -> str:
+        if self.parameters and self.takes_positional:
+            parts = []
+            for p in self.parameters:
+                text = self._parameter_text(p)
+                parts.append(text if p.default is inspect.Parameter.empty else f"{text}, optional")
+            return ", ".join(parts) or "no arguments"
         parts = []
         for name, info in self.args_model.model_fields.items():
-            hint = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            hint = _hint_text(info.annotation)
             parts.append(f"{name} ({hint})" if info.is_required() else f"{name} ({hint}, optional)")
         return ", ".join(parts) or "no arguments"
 
@@ -217,15 +387,16 @@ class TaskSpec:
         }
 
     # Python callers: `my_task.defer(x=1)` validates, then joins the caller's transaction.
-    def defer(self, **args: Any) -> int:
+    # Positional arguments go to tasks that take them (stored under `__args__`).
+    def defer(self, *positional: Any, **args: Any) -> int:
         from jobs import services
 
-        return services.job_defer(task_name=self.name, args=args).job_id
+        return services.job_defer(task_name=self.name, args=stored_arguments(positional, args)).job_id
 
-    async def adefer(self, **args: Any) -> int:
+    async def adefer(self, *positional: Any, **args: Any) -> int:
         from asgiref.sync import sync_to_async
 
-        return await sync_to_async(self.defer)(**args)
+        return await sync_to_async(self.defer)(*positional, **args)
 
     def configure(self, **options: Any) -> _Configured:
         return _Configured(self, options)
@@ -240,10 +411,20 @@ class _Configured:
     spec: TaskSpec
     options: dict[str, Any]
 
-    def defer(self, **args: Any) -> int:
+    def defer(self, *positional: Any, **args: Any) -> int:
         from jobs import services
 
-        return services.job_defer(task_name=self.spec.name, args=args, **self.options).job_id
+        return services.job_defer(task_name=self.spec.name, args=stored_arguments(positional, args),
+                                  **self.options).job_id
+
+
+def stored_arguments(positional: Sequence[Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as a job stores them: keywords by name, positional ones under `__args__`."""
+    return {**keywords, ARGS_KEY: list(positional)} if positional else dict(keywords)
+
+
+def _hint_text(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _nul_field(value: Any, path: str = "") -> str | None:
@@ -291,6 +472,9 @@ def task(
     queueing_lock: str | None = None,
     args_model: type[pydantic.BaseModel] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
+    context: bool | None = None,
+    require_hints: bool = True,
+    store_as_given: bool = False,
 ) -> Any:
     """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments.
 
@@ -299,6 +483,9 @@ def task(
     on one argument go in its hint: `Annotated[int, pydantic.Field(ge=1, le=4)]`.
     `args_model` replaces the model built from the type hints (adapters such as the Django
     tasks backend use it to describe a function whose wrapper takes `**kwargs`).
+    Adapters (Django tasks, `jobs.celery`) also say whether the first parameter is a context
+    (`context`; default: guessed from its name or hint), accept parameters without hints as any
+    JSON value (`require_hints=False`) and store arguments as given (`store_as_given`).
     """
 
     def decorate(fn: Callable[..., Any]) -> TaskSpec:
@@ -310,8 +497,10 @@ def task(
         _check_placement(task_name, fn, queue=queue, priority=priority)
         if task_name in _REGISTRY and _REGISTRY[task_name].func.__qualname__ != fn.__qualname__:
             raise ValueError(f"two tasks are named '{task_name}'")
+        parameters: tuple[inspect.Parameter, ...] = ()
         if args_model is None:
-            takes_context, model = _arguments_model(fn, task_name)
+            takes_context, parameters, model = _arguments_model(
+                fn, task_name, context=context, require_hints=require_hints)
         else:
             takes_context, model = False, args_model
         for template, what in ((lock, "lock"), (queueing_lock, "queueing_lock")):
@@ -326,7 +515,8 @@ def task(
             name=task_name, func=fn, args_model=model, queue=queue, priority=priority,
             retry=policy, soft_time_limit=float(soft_time_limit), hard_time_limit=float(hard_time_limit),
             lock=lock, queueing_lock=queueing_lock, takes_context=takes_context,
-            description=inspect.getdoc(fn) or "", check=check,
+            description=inspect.getdoc(fn) or "", check=check, parameters=parameters,
+            store_as_given=store_as_given,
         )
         spec.procrastinate_task = app.task(
             name=task_name, queue=queue, priority=priority, retry=policy, pass_context=False,
@@ -358,28 +548,41 @@ def queue_problem(queue: object) -> str | None:
     return None
 
 
-def _arguments_model(fn: Callable[..., Any], task_name: str) -> tuple[bool, type[pydantic.BaseModel]]:
-    hints = get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
+def _arguments_model(
+    fn: Callable[..., Any], task_name: str, *, context: bool | None = None, require_hints: bool = True,
+) -> tuple[bool, tuple[inspect.Parameter, ...], type[pydantic.BaseModel]]:
+    try:
+        hints = get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
+    except Exception:
+        if require_hints:
+            raise
+        hints = {}  # unresolvable forward references (adapters): any JSON value
     params = list(inspect.signature(fn).parameters.values())
     takes_context = bool(params) and (
-        hints.get(params[0].name) is JobContext or params[0].name in ("ctx", "context")
+        context if context is not None else (
+            hints.get(params[0].name) is JobContext or params[0].name in ("ctx", "context"))
     )
     if takes_context:
         params = params[1:]
     fields: dict[str, Any] = {}
     for param in params:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise TypeError(f"task '{task_name}': *args/**kwargs are not allowed; name each argument")
-        if param.name not in hints:
+        if param.name in RESERVED_KEYS:
+            raise TypeError(f"task '{task_name}': argument name '{param.name}' is reserved")
+        if param.name not in hints and require_hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"task '{task_name}': argument '{param.name}' needs a type hint")
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (hints[param.name], default)
+        hint = hints.get(param.name, Any)
+        if param.kind == param.VAR_POSITIONAL:
+            fields[param.name] = (list[hint], [])  # type: ignore[valid-type]
+        elif param.kind == param.VAR_KEYWORD:
+            fields[param.name] = (dict[str, hint], {})  # type: ignore[valid-type]
+        else:
+            fields[param.name] = (hint, ... if param.default is inspect.Parameter.empty else param.default)
     model = pydantic.create_model(
         f"{_camel(task_name)}Args",
-        __config__=pydantic.ConfigDict(extra="forbid"),
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=not require_hints),
         **fields,
     )
-    return takes_context, model
+    return takes_context, tuple(params), model
 
 
 def _template_fields(template: str | None) -> set[str]:
@@ -400,10 +603,12 @@ def _runner(spec: TaskSpec) -> Callable[..., Any]:
     """What procrastinate runs: validate the stored JSON arguments, then call the function."""
     from jobs.context import current_job
 
-    def arguments(kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        model = spec.args_model.model_validate(kwargs)
-        values = {name: getattr(model, name) for name in spec.args_model.model_fields}
-        return ([current_job()] if spec.takes_context else []), values
+    def arguments(stored: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        expires = stored.get(EXPIRES_KEY)
+        if expires is not None and dt.datetime.fromisoformat(expires) <= dt.datetime.now(dt.UTC):
+            raise JobExpired(f"the job expired at {expires} before it ran; it was not run")
+        positional, values = spec.call_arguments(stored)
+        return ([current_job()] if spec.takes_context else []) + positional, values
 
     if spec.is_async:
 
@@ -468,7 +673,7 @@ def _startable_names() -> str:
 from jobs.context import JobContext  # noqa: E402  (the one import for task authors)
 
 __all__ = [
-    "NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_startable_task", "get_task",
+    "ARGS_KEY", "EXPIRES_KEY", "NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_startable_task", "get_task",
     "startable_tasks", "task",
 ]
 

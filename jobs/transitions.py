@@ -986,3 +986,66 @@ UNREGISTER_WORKER = """
 WITH gone AS (DELETE FROM procrastinate_workers WHERE id = %(worker_id)s)
 UPDATE skiplock_worker SET stopped_at = now(), last_seen_at = now() WHERE worker_id = %(worker_id)s
 """
+
+
+# --- custom states and meta (issue 14): what a running task says about itself ----------------------
+#
+# `update_state(state=…, meta=…)` of jobs.celery, and JobContext.set_state: the label, the meta and
+# (when the meta carries one) the progress of the running attempt, fenced like WRITE_PROGRESS on
+# (job, worker, attempts as claimed): a run that was taken back changes nothing. One announcement,
+# with the label, and the meta while it is small enough for a notification.
+CUSTOM_STATE_MAX = 64
+META_IN_EVENTS = 2000  # bytes of meta JSON carried by a notification
+
+WRITE_CUSTOM_STATE = """
+WITH mine AS (
+    SELECT j.id, j.attempts, j.abort_requested FROM procrastinate_jobs j
+    WHERE j.id = %(job_id)s AND j.status = 'doing' AND j.worker_id = %(worker_id)s AND j.attempts = %(attempts)s
+    FOR SHARE OF j
+),
+written AS (
+    INSERT INTO skiplock_job AS r (job_id, custom_state, custom_state_attempt, meta, progress, step, progress_at)
+    SELECT id, %(state)s, attempts, %(meta)s::jsonb, COALESCE(%(progress)s, 0), COALESCE(%(step)s, ''), now()
+    FROM mine
+    ON CONFLICT (job_id) DO UPDATE
+    SET custom_state = EXCLUDED.custom_state, custom_state_attempt = EXCLUDED.custom_state_attempt,
+        meta = EXCLUDED.meta, progress = COALESCE(%(progress)s, r.progress), step = COALESCE(%(step)s, r.step),
+        progress_at = CASE WHEN %(progress)s IS NULL THEN r.progress_at ELSE now() END
+    RETURNING r.job_id, r.progress, r.step, r.custom_state, r.meta
+)
+SELECT skiplock_announce(jsonb_agg(jsonb_build_object(
+    'id', w.job_id, 'event', 'progress', 'state', CASE WHEN m.abort_requested THEN 'aborting' ELSE 'doing' END,
+    'progress', w.progress, 'step', left(w.step, 200), 'attempts', m.attempts + 1,
+    'custom_state', w.custom_state,
+    'meta', CASE WHEN octet_length(w.meta::text) <= %(meta_in_events)s THEN w.meta END
+))), count(*)
+FROM written w JOIN mine m ON m.id = w.job_id
+"""
+
+
+def write_custom_state(
+    *, job_id: int, worker_id: int | None, attempts: int, state: str, meta: Any,
+    progress: int | None = None, step: str | None = None,
+) -> bool:
+    """Store a running attempt's custom state and meta; False when the attempt is no longer running here.
+
+    `state` must be 1 to CUSTOM_STATE_MAX characters; `meta` any JSON value (ValueError otherwise).
+    """
+    if not isinstance(state, str) or not 1 <= len(state) <= CUSTOM_STATE_MAX or "\x00" in state:
+        raise ValueError(f"a custom state must be a name of 1 to {CUSTOM_STATE_MAX} characters, not {state!r}")
+    try:
+        meta_json = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta must be JSON (dicts, lists, strings, numbers, booleans, None): {exc}") from None
+    if "\\u0000" in meta_json:
+        raise ValueError("meta cannot hold NUL characters (\\u0000)")
+    if progress is not None and not 0 <= progress <= 100:
+        raise ValueError(f"progress must be from 0 to 100, not {progress!r}")
+    with connection.cursor() as cursor:
+        cursor.execute(WRITE_CUSTOM_STATE, {
+            "job_id": job_id, "worker_id": worker_id, "attempts": attempts, "state": state, "meta": meta_json,
+            "progress": progress, "step": None if step is None else str(step)[:255],
+            "meta_in_events": META_IN_EVENTS,
+        })
+        row = cursor.fetchone()
+    return bool(row and row[1])

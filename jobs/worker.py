@@ -53,7 +53,7 @@ from procrastinate.contrib.django.utils import connector_params
 
 from jobs import maintenance, recording, timelimits, transitions
 from jobs.context import JobContext, _current
-from jobs.exceptions import HardTimeLimitExceeded, SoftTimeLimitExceeded
+from jobs.exceptions import HardTimeLimitExceeded, JobAborted, SoftTimeLimitExceeded
 from jobs.reconnect import Outage, backoff_delays, is_connection_error
 from jobs.registry import DEFAULT_HARD_TIME_LIMIT, DEFAULT_SOFT_TIME_LIMIT, TaskSpec, find_task
 
@@ -433,7 +433,7 @@ class Worker:
             args=job.args,
             soft_time_limit=spec.soft_time_limit if spec else DEFAULT_SOFT_TIME_LIMIT,
             hard_time_limit=spec.hard_time_limit if spec else DEFAULT_HARD_TIME_LIMIT,
-            abort_requested=job.abort_requested,
+            abort_requested=job.abort_requested, worker_id=self.worker_id,
         )
         procrastinate_task = app.tasks.get(job.task_name)
         func = procrastinate_task.func if procrastinate_task is not None else None
@@ -591,7 +591,7 @@ class Worker:
                 running.cancel_reason = running.cancel_reason or reason
                 running.task.cancel()
         elif running.ctx.thread_id is not None:
-            timelimits.raise_in_thread(running.ctx.thread_id, procrastinate_exceptions.JobAborted)
+            timelimits.raise_in_thread(running.ctx.thread_id, JobAborted)  # not an Exception: uncatchable by `except Exception`
 
     def _abort_requested(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
@@ -612,6 +612,8 @@ class Worker:
             if running.is_async and running.task is not None and not running.task.done():
                 running.cancel_reason = "abort"
                 running.task.cancel()
+            elif running.ctx.interrupt_on_abort and running.ctx.thread_id is not None:
+                timelimits.raise_in_thread(running.ctx.thread_id, JobAborted)  # jobs.celery: revoke(terminate=True)
 
     # -- progress ------------------------------------------------------------------------------
     def _progress_callback(self, running: Running) -> Callable[[], None]:
