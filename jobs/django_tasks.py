@@ -15,31 +15,36 @@
 Every Django task becomes a Skiplock task named by its module path (`myapp.tasks.send_welcome`)
 the moment `@task` runs, so the worker finds it once the module is imported: keep Django tasks
 in an app's `tasks.py` (autodiscovered), or list their modules in SKIPLOCK_IMPORT_PATHS.
-Positional arguments are bound to parameter names; arguments are JSON values, validated against
-the type hints like any Skiplock task. `OPTIONS["RETRY"]` sets a retry policy (default: none,
-one attempt, as Django's own backends do).
+Arguments are stored as given — positional ones in order under the job's `__args__` key,
+keyword ones by name — so a result's `args` and `kwargs` are what `enqueue()` was called with;
+`*args`/`**kwargs` and positional-only parameters work. Arguments must be JSON values (anything
+else raises `TypeError` at enqueue, as Django's own backends do) and are validated against the
+type hints where there are some. `enqueue()` returns what `get_result()` reads back (one clock:
+the database's). The `django.tasks` logger gets the enqueued/started/finished events Django's own
+backends emit; a return value that is not JSON fails the task with Django's `TypeError`.
+`OPTIONS["RETRY"]` sets a retry policy (default: none, one attempt, as Django's own backends do).
 """
 
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import functools
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any, get_type_hints
+from typing import Any
 
-import pydantic
 from django.tasks import Task, TaskContext, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TaskError
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
-from django.tasks.signals import task_enqueued
-from django.utils import timezone
+from django.tasks.signals import task_enqueued, task_finished, task_started
+from django.utils.json import normalize_json
 from django.utils.module_loading import import_string
 
 from jobs import registry, services
-from jobs.context import current_job
+from jobs.context import JobContext, current_job
 from jobs.models import JobRecord
 from jobs.selectors import job_attempts
 from jobs.states import State
@@ -81,16 +86,25 @@ class SkiplockTaskBackend(BaseTaskBackend):
 
     def enqueue(self, task: Task, args: Any, kwargs: Any) -> TaskResult:
         self.validate_task(task)
+        # TaskResult normalises the arguments to JSON and raises TypeError for anything else.
+        given: TaskResult[Any, Any] = TaskResult(
+            task=task, id="", status=TaskResultStatus.READY, enqueued_at=None, started_at=None,
+            finished_at=None, last_attempted_at=None, args=list(args), kwargs=dict(kwargs),
+            backend=self.alias, errors=[], worker_ids=[],
+        )
         job = services.job_defer(
             task_name=task.module_path,
-            args=_bind(task, list(args), dict(kwargs)),
+            args=registry.stored_arguments(given.args, given.kwargs),
             queue=task.queue_name,
             priority=task.priority,
             run_at=task.run_after,
         )
+        stored = JobRecord.objects.filter(pk=job.job_id).values_list("args", "created_at").first()
+        assert stored is not None  # just inserted, in this transaction
+        positional, keywords = split_arguments(stored[0])
         result: TaskResult[Any, Any] = TaskResult(
-            task=task, id=str(job.job_id), status=TaskResultStatus.READY, enqueued_at=timezone.now(),
-            started_at=None, finished_at=None, last_attempted_at=None, args=[], kwargs=dict(kwargs),
+            task=task, id=str(job.job_id), status=TaskResultStatus.READY, enqueued_at=stored[1],
+            started_at=None, finished_at=None, last_attempted_at=None, args=positional, kwargs=keywords,
             backend=self.alias, errors=[], worker_ids=[],
         )
         task_enqueued.send(type(self), task_result=result)
@@ -107,11 +121,12 @@ class SkiplockTaskBackend(BaseTaskBackend):
             raise TaskResultDoesNotExist(result_id)
         attempts = job_attempts(job_id=job_id)  # the ended ones and the one running now
         status = STATUS_OF[State(record.state)]
+        positional, keywords = split_arguments(record.args)
         result: TaskResult[Any, Any] = TaskResult(
             task=task, id=str(job_id), status=status, enqueued_at=record.created_at,
             started_at=record.started_at, finished_at=record.finished_at,
             last_attempted_at=attempts[-1].started_at if attempts else None,
-            args=[], kwargs=record.args, backend=self.alias,
+            args=positional, kwargs=keywords, backend=self.alias,
             errors=[
                 TaskError(exception_class_path=exception_path(a.error_type, a.error_traceback),
                           traceback=a.error_traceback)
@@ -122,6 +137,13 @@ class SkiplockTaskBackend(BaseTaskBackend):
         if status == TaskResultStatus.SUCCESSFUL:
             object.__setattr__(result, "_return_value", record.result)
         return result
+
+
+def split_arguments(stored: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+    """A job's stored arguments as (args, kwargs): `__args__` in order, the rest by name."""
+    stored = stored or {}
+    return (list(stored.get(registry.ARGS_KEY, [])),
+            {key: value for key, value in stored.items() if key not in registry.RESERVED_KEYS})
 
 
 def exception_path(error_type: str, traceback: str) -> str:
@@ -156,81 +178,78 @@ def _register(task: Task, backend: SkiplockTaskBackend) -> None:
     known = _TASKS.get(name)
     if known is not None and known.func is task.func:
         return
-    parameters = _parameters(task)
-    model = _arguments_model(task, parameters)
     registry.task(
-        name=name, queue=task.queue_name, priority=task.priority, retry=backend.retry, args_model=model,
-    )(_runner(task))
+        name=name, queue=task.queue_name, priority=task.priority, retry=backend.retry, context=False,
+        require_hints=False, store_as_given=True,
+    )(_runner(task, backend.alias))
     _TASKS[name] = task
 
 
-def _parameters(task: Task) -> list[inspect.Parameter]:
-    parameters = list(inspect.signature(task.func).parameters.values())
+def _runner(task: Task, alias: str) -> Callable[..., Any]:
+    """What the worker calls: the Django task's function (with a TaskContext if it asks), between
+    Django's task_started and task_finished signals; its return value normalised to JSON."""
+    func = task.func
+    parameters = list(inspect.signature(func).parameters.values())
     if task.takes_context:
         parameters = parameters[1:]
-    for parameter in parameters:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise InvalidTask(
-                f"task {task.module_path}: Skiplock stores arguments as named JSON values; "
-                f"replace *{parameter.name} with named parameters"
-            )
-        if parameter.kind == parameter.POSITIONAL_ONLY:
-            raise InvalidTask(f"task {task.module_path}: positional-only parameters cannot be stored by name")
-    return parameters
 
+    def started(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskResult:
+        ctx = current_job()
+        result = _running_result(task, ctx, alias)
+        task_started.send(SkiplockTaskBackend, task_result=result)
+        return result
 
-def _arguments_model(task: Task, parameters: list[inspect.Parameter]) -> type[pydantic.BaseModel]:
-    try:
-        hints = get_type_hints(task.func)
-    except Exception:  # unresolvable forward references: validate as plain JSON values
-        hints = {}
-    fields: dict[str, Any] = {
-        p.name: (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)
-        for p in parameters
-    }
-    return pydantic.create_model(
-        "DjangoTask_" + re.sub(r"\W", "_", task.module_path),
-        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
-        **fields,
-    )
-
-
-def _bind(task: Task, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional arguments → names, as Skiplock stores them."""
-    parameters = _parameters(task)
-    signature = inspect.Signature(parameters)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        from jobs.exceptions import InvalidArguments
-
-        raise InvalidArguments(
-            f"invalid arguments for task '{task.module_path}': {exc}",
-            details=[{"field": "args", "message": str(exc), "type": "type_error"}],
-        ) from None
-    return dict(bound.arguments)
-
-
-def _runner(task: Task) -> Callable[..., Any]:
-    """What the worker calls: the Django task's function, with Django's TaskContext if it asks."""
-    func = task.func
+    def finished(result: TaskResult, status: TaskResultStatus, value: Any = None) -> None:
+        object.__setattr__(result, "status", status)
+        if status == TaskResultStatus.SUCCESSFUL:
+            object.__setattr__(result, "_return_value", value)
+        task_finished.send(SkiplockTaskBackend, task_result=result)
 
     if inspect.iscoroutinefunction(func):
 
-        @functools.wraps(func)
-        async def run_async(**kwargs: Any) -> Any:
-            if task.takes_context:
-                result = await task.get_backend().aget_result(str(current_job().job_id))
-                return await func(TaskContext(task_result=result), **kwargs)
-            return await func(**kwargs)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            result = started(args, kwargs)
+            try:
+                if task.takes_context:
+                    value = await func(TaskContext(task_result=result), *args, **kwargs)
+                else:
+                    value = await func(*args, **kwargs)
+                value = normalize_json(value)
+            except BaseException:
+                finished(result, TaskResultStatus.FAILED)  # inside the handler: the log line has exc_info
+                raise
+            finished(result, TaskResultStatus.SUCCESSFUL, value)
+            return value
 
-        return run_async
+        runner: Callable[..., Any] = run_async
+    else:
 
-    @functools.wraps(func)
-    def run(**kwargs: Any) -> Any:
-        if task.takes_context:
-            result = task.get_backend().get_result(str(current_job().job_id))
-            return func(TaskContext(task_result=result), **kwargs)
-        return func(**kwargs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            result = started(args, kwargs)
+            try:
+                if task.takes_context:
+                    value = func(TaskContext(task_result=result), *args, **kwargs)
+                else:
+                    value = func(*args, **kwargs)
+                value = normalize_json(value)
+            except BaseException:
+                finished(result, TaskResultStatus.FAILED)
+                raise
+            finished(result, TaskResultStatus.SUCCESSFUL, value)
+            return value
 
-    return run
+        runner = run
+    functools.update_wrapper(runner, func)
+    runner.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return runner
+
+
+def _running_result(task: Task, ctx: JobContext, alias: str) -> TaskResult:
+    """The TaskResult of the attempt now running, built from the job's context (no query)."""
+    positional, keywords = split_arguments(ctx.args)
+    now = dt.datetime.now(dt.UTC)
+    return TaskResult(
+        task=task, id=str(ctx.job_id), status=TaskResultStatus.RUNNING, enqueued_at=None,
+        started_at=now, finished_at=None, last_attempted_at=now, args=positional, kwargs=keywords,
+        backend=alias, errors=[], worker_ids=[f"worker-{ctx.worker_id}"] * ctx.attempt,
+    )

@@ -338,13 +338,15 @@ class TaskSpec:
             "description": f"positional arguments in order: {names or 'none'}",
             **({"prefixItems": positional_items} if positional_items else {}),
         }
-        if required:
-            schema["required"] = required
-        else:
-            schema.pop("required", None)
-        # Named parameters given positionally are not required by name.
-        if any(p.kind == p.POSITIONAL_OR_KEYWORD for p in self.parameters):
-            schema.pop("required", None)
+        # Parameters that may come positionally are required by name, or else `__args__` is given.
+        by_position = {p.name for p in self.parameters if p.kind == p.POSITIONAL_OR_KEYWORD}
+        keyword_only = [name for name in required if name not in by_position]
+        either = [name for name in required if name in by_position]
+        schema.pop("required", None)
+        if keyword_only:
+            schema["required"] = keyword_only
+        if either or any(p.kind == p.POSITIONAL_ONLY and p.default is p.empty for p in self.parameters):
+            schema["anyOf"] = [{"required": [ARGS_KEY]}] + ([{"required": either}] if either else [])
         return schema
 
     def _parameter_text(self, p: inspect.Parameter) -> str:

@@ -32,3 +32,13 @@ def explode(message: str) -> None:
 @task
 def untyped(payload, count=1):
     return {"payload": payload, "count": count}
+
+
+@task
+def gather(first, *rest, **options):
+    return {"first": first, "rest": list(rest), "options": options}
+
+
+@task
+def unstorable():
+    return {1, 2}  # a set: not JSON

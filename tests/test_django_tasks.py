@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 from django.db import transaction
-from django.tasks import TaskResultStatus, default_task_backend, task, task_backends
-from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist, TaskResultMismatch
+from django.tasks import TaskResultStatus, default_task_backend, task_backends
+from django.tasks.exceptions import TaskResultDoesNotExist, TaskResultMismatch
 
 from jobs import services
 from jobs.django_tasks import SkiplockTaskBackend, exception_path
@@ -16,7 +16,7 @@ from jobs.models import JobRecord
 from jobs.registry import get_task
 from jobs.testing import run_jobs
 from tests import core_fixtures
-from tests.core_django_tasks import add, explode, shout, untyped, whoami
+from tests.core_django_tasks import add, explode, gather, shout, unstorable, untyped, whoami
 
 pytestmark = pytest.mark.django_db(transaction=True)
 clean_queue = core_fixtures.clean_queue
@@ -33,7 +33,8 @@ def test_enqueue_makes_a_skiplock_job_that_the_worker_runs_and_get_result_reads_
     result = add.enqueue(2, b=3)
     assert result.status == TaskResultStatus.READY
     record = JobRecord.objects.get(pk=int(result.id))
-    assert (record.task_name, record.args, record.state) == ("tests.core_django_tasks.add", {"a": 2, "b": 3}, "todo")
+    assert (record.task_name, record.args, record.state) == (
+        "tests.core_django_tasks.add", {"__args__": [2], "b": 3}, "todo")
     run_jobs()
     done = add.get_result(result.id)
     assert done.status == TaskResultStatus.SUCCESSFUL
@@ -101,7 +102,9 @@ def test_arguments_are_validated_against_the_signature() -> None:
 
 def test_django_tasks_are_listed_with_skiplock_tasks_and_can_be_started_by_name() -> None:
     spec = get_task("tests.core_django_tasks.add")
-    assert spec.describe()["args_schema"]["required"] == ["a"]
+    schema = spec.describe()["args_schema"]
+    assert schema["anyOf"] == [{"required": ["__args__"]}, {"required": ["a"]}]  # by position or by name
+    assert schema["properties"]["__args__"]["type"] == "array"
     assert spec.describe()["retry"]["max_attempts"] == 1
     job = services.job_defer(task_name="tests.core_django_tasks.add", args={"a": 40, "b": 2})
     run_jobs()
@@ -118,13 +121,52 @@ def test_results_of_other_jobs_are_not_django_results() -> None:
         explode.get_result(other.id)
 
 
-def test_functions_with_star_arguments_are_refused_with_a_clear_error() -> None:
-    def star(*values: int) -> int:
-        return sum(values)
+def test_positional_and_star_arguments_stay_as_given_and_enqueue_agrees_with_get_result() -> None:
+    result = gather.enqueue(1, 2, 3, colour="red")
+    assert (result.args, result.kwargs) == ([1, 2, 3], {"colour": "red"})
+    assert JobRecord.objects.get(pk=int(result.id)).args == {"__args__": [1, 2, 3], "colour": "red"}
+    assert gather.get_result(result.id) == result
+    read_back = gather.get_result(result.id)
+    assert (read_back.args, read_back.kwargs, read_back.enqueued_at) == (result.args, result.kwargs, result.enqueued_at)
+    defaults = add.enqueue(1)
+    assert (defaults.args, defaults.kwargs) == ([1], {})  # defaults are not filled in
+    assert add.get_result(defaults.id).kwargs == {}
+    run_jobs()
+    assert gather.get_result(result.id).return_value == {"first": 1, "rest": [2, 3], "options": {"colour": "red"}}
+    assert add.get_result(defaults.id).return_value == 1
 
-    star.__qualname__ = "star"  # as if defined at module level
-    with pytest.raises(InvalidTask, match=r"replace \*values with named parameters"):
-        task(star)
+
+def test_arguments_that_are_not_json_raise_type_error_and_start_nothing() -> None:
+    with pytest.raises(TypeError, match="Unsupported type"):
+        gather.enqueue(dt.datetime.now())
+    assert not JobRecord.objects.exists()
+
+
+def test_a_return_value_that_is_not_json_fails_with_djangos_type_error() -> None:
+    result = unstorable.enqueue()
+    run_jobs()
+    failed = unstorable.get_result(result.id)
+    assert failed.status == TaskResultStatus.FAILED
+    (error,) = failed.errors
+    assert error.exception_class is TypeError
+    assert "Unsupported type" in error.traceback
+
+
+def test_the_django_tasks_logger_gets_enqueued_started_and_finished(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="django.tasks"):
+        ok = add.enqueue(1, 2)
+        bad = explode.enqueue("boom")
+        run_jobs()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "django.tasks"]
+    path = "tests.core_django_tasks"
+    assert ("DEBUG", f"Task id={ok.id} path={path}.add enqueued backend=default") in lines
+    assert ("INFO", f"Task id={ok.id} path={path}.add state=RUNNING") in lines
+    assert ("INFO", f"Task id={ok.id} path={path}.add state=SUCCESSFUL") in lines
+    assert ("ERROR", f"Task id={bad.id} path={path}.explode state=FAILED") in lines
+    failed_record = next(r for r in caplog.records if r.getMessage().endswith("explode state=FAILED"))
+    assert failed_record.exc_info is not None and failed_record.exc_info[0] is ValueError
 
 
 def test_exception_paths_are_read_from_the_traceback() -> None:
