@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobs.celery import AsyncResult, MaxRetriesExceededError, Task, TaskRevokedError, TimeoutError, shared_task
+from jobs.celery import (
+    AsyncResult,
+    MaxRetriesExceededError,
+    Task,
+    TaskRevokedError,
+    TimeoutError,
+    shared_task,
+)
 from jobs.models import JobAttempt, JobRecord
 from jobs.registry import get_task
 from jobs.testing import run_jobs
@@ -64,7 +71,7 @@ def test_a_bound_task_sees_its_request_and_takes_positional_star_args_and_star_k
 def test_hints_are_validated_where_they_exist_star_args_included() -> None:
     from jobs.exceptions import InvalidArguments
 
-    with pytest.raises(InvalidArguments, match="names.1"):
+    with pytest.raises(InvalidArguments, match=r"names\.1"):
         celery_tasks.typed.delay(1, "a", 2)
     with pytest.raises(InvalidArguments, match="missing a required argument: 'count'"):
         celery_tasks.typed.delay()
@@ -97,7 +104,8 @@ def test_retry_with_an_exponential_countdown_waits_in_retry_then_succeeds() -> N
     assert result.state == "RETRY"
     assert job.display_state == "retrying"
     assert dt.timedelta(seconds=55) < job.scheduled_at - before < dt.timedelta(seconds=65)
-    assert isinstance(result.info, Exception) and "RateLimited" in str(result.info)
+    assert isinstance(result.info, Exception)
+    assert "RateLimited" in str(result.info)
     run_jobs()  # not due yet: nothing runs
     assert celery_tasks.calls == [0]
     run_jobs(include_scheduled=True)
@@ -125,9 +133,12 @@ def test_max_retries_is_honoured_and_the_last_error_is_the_tasks_exception() -> 
     run_jobs(include_scheduled=True)
     assert celery_tasks.calls == [0, 1, 2, 3]  # max_retries=3: four attempts
     assert result.state == "FAILURE"
-    assert result.failed() and result.ready() and not result.successful()
+    assert result.failed()
+    assert result.ready()
+    assert not result.successful()
     error = result.result
-    assert type(error) is celery_tasks.RateLimited and str(error) == "attempt 4"
+    assert type(error) is celery_tasks.RateLimited
+    assert str(error) == "attempt 4"
     assert "RateLimited: attempt 4" in (result.traceback or "")
     with pytest.raises(celery_tasks.RateLimited, match="attempt 4"):
         result.get(timeout=1)

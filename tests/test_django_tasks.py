@@ -166,7 +166,8 @@ def test_the_django_tasks_logger_gets_enqueued_started_and_finished(caplog: pyte
     assert ("INFO", f"Task id={ok.id} path={path}.add state=SUCCESSFUL") in lines
     assert ("ERROR", f"Task id={bad.id} path={path}.explode state=FAILED") in lines
     failed_record = next(r for r in caplog.records if r.getMessage().endswith("explode state=FAILED"))
-    assert failed_record.exc_info is not None and failed_record.exc_info[0] is ValueError
+    assert failed_record.exc_info is not None
+    assert failed_record.exc_info[0] is ValueError
 
 
 def test_exception_paths_are_read_from_the_traceback() -> None:
