@@ -26,7 +26,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import pydantic
 from procrastinate import exceptions as procrastinate_exceptions
@@ -316,6 +316,7 @@ class TaskSpec:
         properties = schema.setdefault("properties", {})
         required = schema.get("required", [])
         positional_items = []
+        rest: Any = False  # no positional argument past the named ones, unless *args
         for p in self.parameters:
             field_schema = properties.get(p.name, {})
             if p.kind == p.POSITIONAL_ONLY:
@@ -324,10 +325,7 @@ class TaskSpec:
             elif p.kind == p.POSITIONAL_OR_KEYWORD:
                 positional_items.append(field_schema)
             elif p.kind == p.VAR_POSITIONAL:
-                rest = properties.pop(p.name, {})
-                schema["x-var-positional"] = p.name
-                if "items" in rest:
-                    schema["x-var-positional-items"] = rest["items"]
+                rest = properties.pop(p.name, {}).get("items", True)
             elif p.kind == p.VAR_KEYWORD:
                 extra = properties.pop(p.name, {})
                 schema["additionalProperties"] = extra.get("additionalProperties", True)
@@ -337,6 +335,7 @@ class TaskSpec:
             "type": "array", "title": "Positional arguments",
             "description": f"positional arguments in order: {names or 'none'}",
             **({"prefixItems": positional_items} if positional_items else {}),
+            "items": rest,
         }
         # Parameters that may come positionally are required by name, or else `__args__` is given.
         by_position = {p.name for p in self.parameters if p.kind == p.POSITIONAL_OR_KEYWORD}
@@ -352,7 +351,10 @@ class TaskSpec:
     def _parameter_text(self, p: inspect.Parameter) -> str:
         prefix = "*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else ""
         info = self.args_model.model_fields.get(p.name)
-        hint = "" if info is None else _hint_text(info.annotation)
+        annotation = None if info is None else info.annotation
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and get_args(annotation):
+            annotation = get_args(annotation)[-1]  # list[int] / dict[str, bool]: the item's type
+        hint = "" if annotation is None else _hint_text(annotation)
         return f"{prefix}{p.name}" + (f" ({hint})" if hint and hint != "Any" else "")
 
     def signature(self) -> str:
