@@ -278,6 +278,8 @@ def _job_out(record: JobRecord, principal: Principal) -> dict[str, Any]:
         "attempts": record.attempts,
         "max_attempts": job_max_attempts(record),
         "args": record.args,
+        "custom_state": record.custom_state or None,
+        "meta": record.meta,
         "result": record.result,
         "error": principal.error_of(record.error_type, record.error_message, record.error_traceback),
         "waiting_for": _waiting_for(record, principal),

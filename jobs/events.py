@@ -44,7 +44,7 @@ RECONNECT_MAX_DELAY = 5.0
 LISTEN_KEEPALIVE = 30.0  # seconds between liveness probes of an idle LISTEN connection
 
 _SNAPSHOT_SQL = """
-SELECT job_id, state, progress, step, attempts, scheduled_at, task_name, owner_id
+SELECT job_id, state, progress, step, attempts, scheduled_at, task_name, owner_id, custom_state, meta
 FROM skiplock_job_view WHERE job_id = ANY(%(ids)s)
 """
 _OUTCOME_SQL = """
@@ -292,12 +292,15 @@ def event_data(row: dict[str, Any]) -> dict[str, Any]:
         "progress": int(row.get("progress") or 0),
         "step": row.get("step") or "",
         "attempts": attempts,
+        # A custom state (jobs.celery's update_state) and its meta, only on events that carry one.
+        **({"custom_state": row["custom_state"], "meta": row.get("meta")} if row.get("custom_state") else {}),
     }
 
 
 def event_id(data: dict[str, Any]) -> str:
     """A stable id for a job's observable state: equal ids mean the client is already current."""
-    return f"{data['id']}:{data['attempts']}:{data['state']}:{data['progress']}"
+    label = f":{data['custom_state']}" if data.get("custom_state") else ""
+    return f"{data['id']}:{data['attempts']}:{data['state']}:{data['progress']}{label}"
 
 
 def end_event_id(job_id: int) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
 
 import pydantic
+import pydantic.json_schema
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import retry as procrastinate_retry
 from procrastinate.contrib.django import app
@@ -308,9 +309,9 @@ class TaskSpec:
             )
         return values
 
-    def json_schema(self) -> dict[str, Any]:
+    def json_schema(self, ref_template: str = pydantic.json_schema.DEFAULT_REF_TEMPLATE) -> dict[str, Any]:
         """The JSON schema of a job's argument object, as stored (`__args__` for positional ones)."""
-        schema = self.args_model.model_json_schema()
+        schema = self.args_model.model_json_schema(ref_template=ref_template)
         if not self.takes_positional and not self.store_as_given:
             return schema
         properties = schema.setdefault("properties", {})

@@ -120,7 +120,15 @@ class JobOut(JobSummaryOut):
     """A job in full: the summary plus arguments, result or error, worker and policy."""
 
     max_attempts: int | None
-    args: dict[str, Any]
+    args: dict[str, Any] = Field(
+        description="keyword arguments by name; positional ones, for tasks that take them, in order under `__args__`"
+    )
+    custom_state: str | None = Field(
+        default=None,
+        description="a label the running task gave itself (Celery's update_state, e.g. 'BUILDING'); only "
+        "while that run lasts, beside `state`, never a queue state of its own",
+    )
+    meta: Any = Field(default=None, description="free-form JSON the task stored with its custom state, as last written")
     result: Any = None
     error: JobErrorOut | None
     waiting_for: str | None = Field(
@@ -212,7 +220,7 @@ def task_components(ref_prefix: str = "#/components/schemas/") -> tuple[dict[str
     common = JobStartIn.model_json_schema(ref_template=ref_prefix + "{model}")["properties"]
     for spec in startable_tasks():
         args_name, start_name = _task_component_names(spec)
-        schema = spec.args_model.model_json_schema(ref_template=ref_prefix + "{model}")
+        schema = spec.json_schema(ref_template=ref_prefix + "{model}")  # `__args__` for positional arguments
         for name, sub in schema.pop("$defs", {}).items():
             components.setdefault(name, sub)
         schema["title"] = args_name
