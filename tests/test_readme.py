@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import runpy
@@ -20,7 +19,6 @@ from tests.api_fixtures import WorkerThread
 from tests.foundation_fixtures import BASE_DIR
 
 README = (BASE_DIR / "README.md").read_text()
-CELERY_GUIDE = (BASE_DIR / "docs" / "migrating-from-celery.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -148,34 +146,7 @@ def test_the_readme_python_example_defers_inside_the_callers_transaction(
     assert JobRecord.objects.get(job_id=namespace["job_id"]).state == "succeeded"
 
 
-# -- migrating from Celery -------------------------------------------------------------------------
-
-
-@pytest.mark.django_db(transaction=True)
-def test_the_celery_guide_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
-    from procrastinate.contrib.django import app
-
-    from jobs import registry
-
-    namespace: dict[str, Any] = {}
-    try:
-        for block in code_blocks(CELERY_GUIDE, "python"):
-            exec(compile(block, "docs/migrating-from-celery.md", "exec"), namespace)  # noqa: S102
-        printed = capsys.readouterr().out.split()
-
-        assert printed[:2] == ["succeeded", "100"]
-        job = JobRecord.objects.get(job_id=namespace["job_id"])
-        total = sum((42 * 31 + day * 17) % 100 for day in range(30))
-        assert job.result == {"account_id": 42, "days": 30, "total": total}
-        assert job.queue_name == "reports"
-        later = JobRecord.objects.get(job_id=namespace["later"])
-        assert later.display_state == "scheduled"
-        with pytest.raises(Exception, match="days"):
-            namespace["build_report"].defer(account_id=42, days="thirty")
-    finally:  # the guide's task must not outlive this test
-        registry._REGISTRY.pop("build_report", None)
-        with contextlib.suppress(Exception):
-            app.tasks.pop("build_report", None)
+# -- migrating from Celery (its examples run in tests/test_celery_guide.py) ------------------------
 
 
 def test_the_celery_guide_is_linked_from_the_readme() -> None:
