@@ -127,6 +127,8 @@ class JobView:
     can_cancel: bool
     can_abort: bool
     urls: dict[str, str] = field(default_factory=dict)
+    custom_state: str = ""  # a label the running task gave itself (jobs.celery's update_state)
+    meta: Any = None  # free-form JSON stored with it
 
     @property
     def attempts_text(self) -> str:
@@ -179,6 +181,8 @@ def job_view(record: JobRecord, user: Any = None, *, now: dt.datetime | None = N
         can_cancel=act and record.state == State.TODO,
         can_abort=act and record.state == State.DOING,
         urls=job_urls(record.job_id),
+        custom_state=record.custom_state or "",
+        meta=record.meta,
     )
 
 

@@ -84,3 +84,11 @@ def skiplock_code(text: str, autoescape: bool = True) -> str:
 @register.filter
 def skiplock_duration(seconds: float | None) -> str:
     return "" if seconds is None else pages.format_duration(float(seconds))
+
+
+@register.filter
+def skiplock_json(value: Any) -> str:
+    """A JSON value, indented, for a <pre> (autoescaped like any text)."""
+    import json
+
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
