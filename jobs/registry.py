@@ -317,7 +317,7 @@ class TaskSpec:
         properties = schema.setdefault("properties", {})
         required = schema.get("required", [])
         positional_items = []
-        rest: Any = False  # no positional argument past the named ones, unless *args
+        rest: dict[str, Any] | None = None  # no positional argument past the named ones, unless *args
         for p in self.parameters:
             field_schema = properties.get(p.name, {})
             if p.kind == p.POSITIONAL_ONLY:
@@ -326,18 +326,19 @@ class TaskSpec:
             elif p.kind == p.POSITIONAL_OR_KEYWORD:
                 positional_items.append(field_schema)
             elif p.kind == p.VAR_POSITIONAL:
-                rest = properties.pop(p.name, {}).get("items", True)
+                rest = properties.pop(p.name, {}).get("items", {})
             elif p.kind == p.VAR_KEYWORD:
                 extra = properties.pop(p.name, {})
                 schema["additionalProperties"] = extra.get("additionalProperties", True)
         names = ", ".join(self._parameter_text(p) for p in self.parameters if p.kind != p.KEYWORD_ONLY
                           and p.kind != p.VAR_KEYWORD)
-        properties[ARGS_KEY] = {
-            "type": "array", "title": "Positional arguments",
-            "description": f"positional arguments in order: {names or 'none'}",
-            **({"prefixItems": positional_items} if positional_items else {}),
-            "items": rest,
-        }
+        if names:  # a task taking no positional argument has no `__args__`
+            properties[ARGS_KEY] = {
+                "type": "array", "title": "Positional arguments",
+                "description": f"positional arguments in order: {names}",
+                **({"prefixItems": positional_items} if positional_items else {}),
+                **({"items": rest} if rest is not None else {"maxItems": len(positional_items)}),
+            }
         # Parameters that may come positionally are required by name, or else `__args__` is given.
         by_position = {p.name for p in self.parameters if p.kind == p.POSITIONAL_OR_KEYWORD}
         keyword_only = [name for name in required if name not in by_position]
@@ -345,7 +346,7 @@ class TaskSpec:
         schema.pop("required", None)
         if keyword_only:
             schema["required"] = keyword_only
-        if either or any(p.kind == p.POSITIONAL_ONLY and p.default is p.empty for p in self.parameters):
+        if names and (either or any(p.kind == p.POSITIONAL_ONLY and p.default is p.empty for p in self.parameters)):
             schema["anyOf"] = [{"required": [ARGS_KEY]}] + ([{"required": either}] if either else [])
         return schema
 
