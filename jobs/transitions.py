@@ -51,6 +51,11 @@ _EVENT = """jsonb_build_object(
     'attempts', j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END)"""
 
 
+# Whether anyone listens for job events (an event hub registered in skiplock_listener): the hot
+# path builds its announcement only then (skiplock_announce checks again before it notifies).
+LISTENED = "EXISTS (SELECT 1 FROM skiplock_listener WHERE expires_at > now())"
+
+
 def event_sql(kind: str = "'state'") -> str:
     """SQL building one job's notification (aliases: `j` the changed queue row, `r` its side row)."""
     return _EVENT.format(kind=kind, step=STEP_IN_EVENTS)
@@ -790,8 +795,7 @@ WITH candidate AS MATERIALIZED (
 claimed AS (
     UPDATE procrastinate_jobs p
     SET status = 'doing', worker_id = %(worker_id)s
-    FROM candidate c
-    WHERE p.id = c.id
+    WHERE p.id = ANY(ARRAY(SELECT c.id FROM candidate c))  -- by primary key, whatever the estimates
     RETURNING p.id, p.task_name, p.queue_name, p.priority, p.lock, p.queueing_lock, p.args, p.attempts,
               p.abort_requested
 )
@@ -801,9 +805,10 @@ SELECT c.*, (
         'progress', COALESCE(r.progress, 0), 'step', left(COALESCE(r.step, ''), 200), 'attempts', x.attempts + 1
     )))
     FROM claimed x LEFT JOIN skiplock_job r ON r.job_id = x.id
+    WHERE {listened}
 ) AS announced
 FROM claimed c
-"""
+""".replace("{listened}", LISTENED)
 
 # End many attempts of one worker in one statement. Per row (parallel arrays): the attempt
 # (id, attempts as claimed), the end `status` — succeeded, failed, aborted, `todo` (a retry at
@@ -915,17 +920,22 @@ stats AS (
         array_agg(CASE WHEN x.asked <> 'release' THEN x.outcome END),
         array_agg(CASE WHEN x.final THEN x.state END),
         array_agg(extract(epoch FROM now() - x.started_at)::float8)
-    ) AS counted,
-    skiplock_announce(jsonb_agg(jsonb_build_object(
+    ) AS counted
+    FROM result x
+),
+announced AS (
+    SELECT skiplock_announce(jsonb_agg(jsonb_build_object(
         'id', x.id, 'event', 'state', 'state', x.state,
         'progress', CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress, 0) END,
         'step', left(COALESCE(x.step, r.step, ''), 200), 'attempts', x.attempts
-    ))) AS announced
+    ))) AS n
     FROM result x LEFT JOIN skiplock_job r ON r.job_id = x.id
+    WHERE {listened}
 )
-SELECT x.id, x.state, x.outcome, (SELECT n FROM wake) AS woken, (SELECT counted + announced FROM stats) AS side
+SELECT x.id, x.state, x.outcome, (SELECT n FROM wake) AS woken,
+       (SELECT counted FROM stats) + COALESCE((SELECT n FROM announced), 0) AS side
 FROM result x
-"""
+""".replace("{listened}", LISTENED)
 
 # The latest progress of a running attempt; nothing when the attempt is no longer this worker's.
 # The fence holds a share lock on the queue row, so an attempt ending concurrently (its finish,
