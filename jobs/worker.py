@@ -5,13 +5,15 @@ helper alike, so every path runs jobs the same way. It uses no private part of p
 its SQL is Skiplock's (jobs/transitions.py, "worker hot path"), checked against procrastinate's
 own `procrastinate_fetch_job_v2` by tests/test_worker_claim.py.
 
-    claim   ── one statement claims up to the number of free slots (procrastinate's order and
-               `lock` rule; a job that is not due never blocks its lock).
+    claim   ── one statement claims up to the number of free slots plus a prefetch sized to
+               what ends during a round trip (procrastinate's order and `lock` rule; a job that
+               is not due never blocks its lock).
     run     ── async tasks run on this loop, sync tasks in a thread pool of `concurrency` threads.
-    finish  ── endings wait in a buffer and are written by one statement per batch (a flush
-               window of a few ms, at FLUSH_MAX endings, before every claim, and at shutdown),
-               fenced per row on (job, worker, attempts), with the side row, the attempt row, the
-               counters and one announcement.
+    finish  ── endings wait in a list and ride with the next claim: one pipeline, one commit,
+               END_ATTEMPTS fenced per row on (job, worker, attempts), with the side row, the
+               attempt row, the counters and one announcement. The claim loop is the only
+               sender, so while a round trip is in flight the next batch gathers; with no claim
+               due an ending waits at most the flush window.
     side    ── heartbeat (also polls abort requests and checks that running jobs are still ours,
                and runs stalled-job recovery), LISTEN for new jobs, released locks and abort
                requests, the periodic deferrer, and progress writers for jobs that report it.
@@ -930,7 +932,7 @@ class _Statement:
 
 
 _CLAIM = _Statement(transitions.CLAIM)
-_FINISH = _Statement(transitions.FINISH)
+_FINISH = _Statement(transitions.END_ATTEMPTS)
 _WRITE_PROGRESS = _Statement(transitions.WRITE_PROGRESS)
 _HEARTBEAT = _Statement(transitions.HEARTBEAT)
 
@@ -943,23 +945,24 @@ async def _execute(conn: psycopg.AsyncConnection[Any], statement: _Statement,
 
 
 def finish_params(batch: list[recording.Ending], *, worker_id: int | None, worker_name: str) -> dict[str, Any]:
-    """The finish statement's parallel arrays for a batch of endings."""
+    """END_ATTEMPTS' parallel arrays for a batch of this worker's endings."""
+    nothing = [None] * len(batch)
     return {
-        "worker_id": worker_id,
-        "worker_name": worker_name,
         "ids": [e.job.id for e in batch],
+        "worker_ids": [worker_id] * len(batch),
         "attempts": [e.job.attempts for e in batch],
         "statuses": [e.status for e in batch],
         "outcomes": [e.outcome for e in batch],
         "retry_at": [e.retry_at for e in batch],
-        "priorities": [None for _ in batch],
-        "queues": [None for _ in batch],
-        "locks": [None for _ in batch],
+        "priorities": nothing,
+        "queues": nothing,
+        "locks": nothing,
         "results": [e.result for e in batch],
         "error_types": [e.error_type for e in batch],
         "error_messages": [e.error_message for e in batch],
         "tracebacks": [e.traceback for e in batch],
         "started": [e.started_at for e in batch],
+        "worker_names": [worker_name] * len(batch),
         "progress": [e.progress for e in batch],
         "steps": [e.step for e in batch],
     }
