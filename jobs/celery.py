@@ -37,13 +37,21 @@ from typing import Any
 
 from jobs import registry
 from jobs.context import JobContext, _current
-from jobs.exceptions import HardTimeLimitExceeded, InvalidTransition, JobAborted
+from jobs.exceptions import (
+    HardTimeLimitExceeded,
+    InvalidTransition,
+    JobAborted,
+    SoftTimeLimitExceeded,
+)
 from jobs.states import State
 
 __all__ = [
-    "AsyncResult", "Celery", "Ignore", "MaxRetriesExceededError", "Retry", "Signature", "Task",
-    "TaskRevokedError", "TimeoutError", "shared_task", "signature", "states",
+    "AsyncResult", "Celery", "Ignore", "MaxRetriesExceededError", "Retry", "Signature", "SoftTimeLimitExceeded",
+    "Task", "TaskRevokedError", "TimeLimitExceeded", "TimeoutError", "shared_task", "signature", "states",
 ]
+
+# celery.exceptions' time-limit names: the soft limit a task may catch, and the hard one it cannot.
+TimeLimitExceeded = HardTimeLimitExceeded
 
 
 class states:

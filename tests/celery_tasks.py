@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from jobs.celery import Celery, shared_task
+from jobs.celery import Celery, SoftTimeLimitExceeded, shared_task
 
 app = Celery("tests")
 
@@ -114,3 +114,14 @@ async def async_steps(self, n):
 @shared_task(ignore_result=True, acks_late=True, track_started=True)
 def quiet():
     return None
+
+
+@shared_task(soft_time_limit=0.3, time_limit=10)
+def cleans_up():
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "ran to the end"

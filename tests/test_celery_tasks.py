@@ -287,3 +287,27 @@ def test_retry_and_request_outside_a_job() -> None:
     assert celery_tasks.whoami.request.called_directly
     with pytest.raises(RuntimeError, match="while the task runs as a job"):
         celery_tasks.flaky.retry()
+
+
+def test_delay_joins_the_callers_transaction() -> None:
+    from django.db import transaction
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        rolled_back = celery_tasks.add.delay(1, 2)
+        raise RuntimeError("roll back")
+    assert not JobRecord.objects.filter(pk=int(rolled_back.id)).exists()
+    assert rolled_back.state == "PENDING"  # an id nobody knows, as Celery says of unknown ids
+    with transaction.atomic():
+        kept = celery_tasks.add.delay(1, 2)
+    run_jobs()
+    assert kept.get(timeout=1) == 3
+
+
+def test_a_soft_time_limit_is_celerys_catchable_exception() -> None:
+    from jobs.celery import SoftTimeLimitExceeded, TimeLimitExceeded
+
+    assert issubclass(SoftTimeLimitExceeded, Exception)
+    assert not issubclass(TimeLimitExceeded, Exception)
+    result = celery_tasks.cleans_up.delay()
+    run_jobs()
+    assert result.get(timeout=1) == "cleaned up"
