@@ -125,3 +125,16 @@ def cleans_up():
     except SoftTimeLimitExceeded:
         return "cleaned up"
     return "ran to the end"
+
+
+@shared_task(soft_time_limit=0.2, time_limit=0.6)
+def stubborn():
+    """Swallows every Exception in its loop: the soft limit, and would swallow an ordinary hard one."""
+    deadline = time.monotonic() + 20
+    swallowed = 0
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.01)
+        except Exception:  # what such tasks do
+            swallowed += 1
+    return f"ran to the end ({swallowed} swallowed)"

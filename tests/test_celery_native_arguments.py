@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from jobs import services
 from jobs.context import JobContext
 from jobs.exceptions import InvalidArguments
 from jobs.models import JobRecord
-from jobs.registry import get_task, task
+from jobs.registry import NO_RETRY, get_task, task
 from jobs.testing import run_jobs
 from tests import core_fixtures
 
@@ -20,6 +22,19 @@ clean_queue = core_fixtures.clean_queue
 def scale(ctx: JobContext, factor: int, /, *values: float, rounding: int = 2, **labels: str) -> dict[str, object]:
     """Scale some values (positional-only factor, *values, keyword-only rounding, **labels)."""
     return {"job": ctx.job_id, "scaled": [round(v * factor, rounding) for v in values], "labels": labels}
+
+
+@task(name="tests.native.stubborn", queue="native-args", retry=NO_RETRY, soft_time_limit=0.2, hard_time_limit=0.6)
+def stubborn() -> str:
+    """A native task that swallows every Exception in its loop."""
+    deadline = time.monotonic() + 20
+    swallowed = 0
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.01)
+        except Exception:  # what such tasks do
+            swallowed += 1
+    return f"ran to the end ({swallowed} swallowed)"
 
 
 @task(name="tests.native.keywords", queue="native-args")
@@ -70,3 +85,10 @@ def test_a_reserved_name_cannot_be_a_parameter() -> None:
 
     with pytest.raises(TypeError, match="argument name '__args__' is reserved"):
         task(name="tests.native.reserved")(uses_reserved)
+
+
+def test_the_hard_time_limit_of_a_native_task_is_not_swallowed_by_except_exception() -> None:
+    job_id = stubborn.defer()
+    run_jobs(queues=["native-args"])
+    record = JobRecord.objects.get(pk=job_id)
+    assert (record.state, record.error_type, record.result) == ("failed", "HardTimeLimitExceeded", None)

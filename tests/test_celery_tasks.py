@@ -311,3 +311,11 @@ def test_a_soft_time_limit_is_celerys_catchable_exception() -> None:
     result = celery_tasks.cleans_up.delay()
     run_jobs()
     assert result.get(timeout=1) == "cleaned up"
+
+
+def test_a_hard_time_limit_stops_a_task_that_swallows_every_exception_in_its_loop() -> None:
+    result = celery_tasks.stubborn.delay()
+    run_jobs()
+    job = record(result)
+    assert (job.state, job.error_type, job.result) == ("failed", "HardTimeLimitExceeded", None)
+    assert [a.outcome for a in JobAttempt.objects.filter(job_id=job.job_id)] == ["timed_out"]
