@@ -190,6 +190,20 @@ def _latency(values_s: list[float]) -> dict[str, float]:
 # --- measurements -----------------------------------------------------------------------------------
 
 
+def _direct_defer(total: int) -> dict[str, Any]:
+    """The same start done in Python (`job_defer`, one commit each) on the same database: the rate
+    POST /api/jobs is compared with (issue 12: one client reaches at least half of it)."""
+    from jobs.services import job_defer
+
+    args = {**FAST_DEPLOY, "stack": "direct"}
+    for _ in range(5):
+        job_defer(task_name="deploy_stack", args=args)  # warm up
+    started = time.perf_counter()
+    for _ in range(total):
+        job_defer(task_name="deploy_stack", args=args)
+    return {"jobs": total, "jobs_per_s": round(total / (time.perf_counter() - started), 1)}
+
+
 async def _post_jobs(base: str, key: str, clients: int, total: int) -> dict[str, Any]:
     import httpx
 
@@ -314,6 +328,7 @@ def run(size: str = "small") -> dict[str, Any]:
         with _process([python, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"],
                       server_env) as server:
             _wait_http(f"{base}/health/live", server)
+            result["direct_defer"] = _direct_defer(params["requests"])
             result["post_jobs"] = {}
             for clients in CONCURRENCY:
                 cpu = _cpu_seconds(server.pid)
@@ -340,6 +355,9 @@ def run(size: str = "small") -> dict[str, Any]:
             from project.embedded_postgres import EmbeddedPostgres
 
             EmbeddedPostgres(os.environ["SKIPLOCK_PG_INSTANCE"]).stop()
+    direct = result["direct_defer"]["jobs_per_s"]
+    one = result["post_jobs"]["1"]["req_per_s"]
+    result["one_client_share_of_direct"] = round(one / direct, 3) if direct else None
     five = result["post_jobs"]["5"]
     result["seed_target"] = {"p99_ms_at_5_clients": five["p99_ms"], "target_ms": 100, "met": five["p99_ms"] < 100}
     return result
@@ -352,6 +370,9 @@ def report(result: dict[str, Any]) -> str:
     for row in result["post_jobs"].values():
         lines.append(f"                  {row['clients']:>7}  {row['requests']:>8}  {row['req_per_s']:>6}  "
                      f"{row['p50_ms']:>8}  {row['p95_ms']:>7}  {row['p99_ms']:>7}   {row['server_cpu_ms_per_request']:>8}")
+    if "direct_defer" in result:
+        lines += ["", f"direct job_defer() in this run: {result['direct_defer']['jobs_per_s']} jobs/s; "
+                      f"one client over HTTP reaches {100 * result['one_client_share_of_direct']:.0f} % of it"]
     batch = result["batch"]
     lines += ["", f"POST /api/jobs/batch  {batch['batches']} × {batch['batch_size']} jobs: {batch['jobs_per_s']} jobs/s, "
                   f"p50 {batch['p50_ms']} ms per batch"]
