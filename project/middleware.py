@@ -43,7 +43,7 @@ class InlineHooks:
                 return view_hook(request, view, args, kwargs)
 
             markcoroutinefunction(process_view)
-            self.process_view = process_view
+            vars(self)["process_view"] = process_view  # an instance attribute: the class's stays for WSGI
 
     def response_blocks(self, request: HttpRequest) -> bool:
         """Whether `process_response` may do I/O for this request (then it runs in a thread)."""
@@ -61,7 +61,7 @@ class InlineHooks:
                 response = await sync_to_async(process_response, thread_sensitive=True)(request, response)
             else:
                 response = process_response(request, response)
-        return response  # type: ignore[no-any-return]
+        return response
 
 
 class SecurityMiddleware(InlineHooks, security.SecurityMiddleware):

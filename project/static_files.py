@@ -47,5 +47,5 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
                     static_file, request
                 )
                 return response
-        get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response  # type: ignore[assignment]
+        get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
         return await get_response(request)
