@@ -211,6 +211,48 @@ class QueueStat(models.Model):
         return f"{self.queue_name} {self.state}: {self.count}"
 
 
+class MinuteStat(models.Model):
+    """Jobs that reached a final state per minute, for the dashboard's last hour (a ring of
+    MINUTE_SLOTS minutes: a slot is reset when a newer minute reuses it, so nothing needs pruning).
+
+    Written by `skiplock_count_ends` in the statement that ends the jobs (migration 0012)."""
+
+    pk = models.CompositePrimaryKey("slot", "state", "shard")
+    slot = models.SmallIntegerField()
+    state = models.CharField(max_length=16)
+    shard = models.SmallIntegerField()
+    minute = models.DateTimeField()
+    count = models.BigIntegerField()
+
+    class Meta:
+        db_table = "skiplock_minute_stats"
+
+    def __str__(self) -> str:
+        return f"{self.minute:%H:%M} {self.state}: {self.count}"
+
+
+class HourStat(models.Model):
+    """Jobs that reached a final state per hour, task, queue and (succeeded ones) duration bin, for the
+    dashboard's last 24 hours (a ring of HOUR_SLOTS hours, reset on reuse like MinuteStat)."""
+
+    pk = models.CompositePrimaryKey("slot", "task_name", "queue_name", "state", "bin", "shard")
+    slot = models.SmallIntegerField()
+    task_name = models.CharField(max_length=128)
+    queue_name = models.CharField(max_length=128)
+    state = models.CharField(max_length=16)
+    bin = models.SmallIntegerField()  # log-scale duration bin of a succeeded job; -1 for the others
+    shard = models.SmallIntegerField()
+    hour = models.DateTimeField()
+    count = models.BigIntegerField()
+    max_seconds = models.FloatField(null=True)
+
+    class Meta:
+        db_table = "skiplock_hour_stats"
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.task_name} {self.state}: {self.count}"
+
+
 class Listener(models.Model):
     """A process listening on the `skiplock_job` channel; `skiplock_announce` notifies only while one is."""
 
