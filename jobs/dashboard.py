@@ -178,21 +178,26 @@ def hour_rollup(*, since: dt.datetime) -> Rollup:
     by_bucket, by_state = _empty_rollup()
     by_queue: dict[str, list[int]] = {}
     durations: dict[str, dict[str, Any]] = {}
-    for hour, task, queue, state, bin_, n, top in _rows(
+    # Summed in SQL, three groupings in one pass: a row per hour and state, per queue and state, per
+    # task and duration bin (a few hundred rows, where the ring holds thousands).
+    for hour, queue, task, state, bin_, n, top in _rows(
         """
-        SELECT hour, task_name, queue_name, state, bin, sum(count)::bigint, max(max_seconds)
-        FROM skiplock_hour_stats WHERE hour >= %s GROUP BY 1, 2, 3, 4, 5
+        SELECT hour, queue_name, task_name, state, bin, sum(count)::bigint, max(max_seconds)
+        FROM skiplock_hour_stats WHERE hour >= %s
+        GROUP BY GROUPING SETS ((hour, state), (queue_name, state), (task_name, state, bin))
         """,
         [since],
     ):
         n = int(n)
-        _add(by_bucket, by_state, hour, state, n)
-        pair = by_queue.setdefault(queue, [0, 0])
-        if state == State.SUCCEEDED:
-            pair[0] += n
-        elif state == State.FAILED:
-            pair[1] += n
-        if state == State.SUCCEEDED and bin_ >= 0:
+        if hour is not None:
+            _add(by_bucket, by_state, hour, state, n)
+        elif queue is not None:
+            pair = by_queue.setdefault(queue, [0, 0])
+            if state == State.SUCCEEDED:
+                pair[0] += n
+            elif state == State.FAILED:
+                pair[1] += n
+        elif task is not None and state == State.SUCCEEDED and bin_ >= 0:
             entry = durations.setdefault(task, {"count": 0, "bins": {}, "max": 0.0})
             entry["count"] += n
             entry["bins"][int(bin_)] = entry["bins"].get(int(bin_), 0) + n
@@ -243,15 +248,21 @@ def duration_percentiles(rolled: Rollup) -> list[dict[str, Any]]:
 
 def queue_summary(*, finished: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
     """Per queue: waiting (runnable now), scheduled, running, and succeeded/failed in the window."""
+    # Counted on the queue's status indexes; the oldest waiting job of a queue is its lowest id (ids
+    # grow with time), whose creation time is one primary-key probe, not a join of the whole backlog.
     active = _rows(
         """
-        SELECT j.queue_name,
-               count(*) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())),
-               count(*) FILTER (WHERE j.status = 'todo' AND j.scheduled_at > now()),
-               count(*) FILTER (WHERE j.status = 'doing'),
-               min(r.created_at) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
-        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
-        WHERE j.status IN ('todo', 'doing') GROUP BY j.queue_name
+        WITH active AS (
+            SELECT queue_name,
+                   count(*) FILTER (WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())) AS waiting,
+                   count(*) FILTER (WHERE status = 'todo' AND scheduled_at > now()) AS scheduled,
+                   count(*) FILTER (WHERE status = 'doing') AS running,
+                   min(id) FILTER (WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())) AS first_id
+            FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY queue_name
+        )
+        SELECT a.queue_name, a.waiting, a.scheduled, a.running,
+               (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = a.first_id)
+        FROM active a
         """,
     )
     queues: dict[str, dict[str, Any]] = {}
@@ -306,11 +317,20 @@ def estimated_state_counts(total: int) -> dict[str, int]:
 
 def oldest_waiting() -> dict[str, Any] | None:
     """The runnable job that has waited longest (the head of the line is what users feel)."""
+    # Two candidates, neither a join of the backlog: the lowest-id job waiting since its creation
+    # (ids grow with time; its side row by primary key), and the job runnable since the earliest
+    # scheduled time (a retry or a delayed start).
     rows = _rows(
         """
-        SELECT j.id, j.task_name, j.queue_name, COALESCE(j.scheduled_at, r.created_at) AS since
-        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
-        WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+        SELECT * FROM (
+            (SELECT j.id, j.task_name, j.queue_name,
+                    (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = j.id) AS since
+             FROM procrastinate_jobs j WHERE j.status = 'todo' AND j.scheduled_at IS NULL ORDER BY j.id LIMIT 1)
+            UNION ALL
+            (SELECT j.id, j.task_name, j.queue_name, j.scheduled_at
+             FROM procrastinate_jobs j WHERE j.status = 'todo' AND j.scheduled_at <= now()
+             ORDER BY j.scheduled_at LIMIT 1)
+        ) AS candidates
         ORDER BY since NULLS LAST LIMIT 1
         """
     )
