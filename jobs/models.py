@@ -40,18 +40,22 @@ class JobSide(models.Model):
     # Issue 13 item 4 (migration 0005): who started the job — "key:<id>", "user:<id>", or "" for
     # code and commands. An idempotency key is unique per starter, never across principals.
     started_by = models.CharField(max_length=32, blank=True, default="", db_default="")
-    owner = models.ForeignKey(
+    owner = models.ForeignKey(  # served by skiplock_job_owner_idx (owner, -job_id): no index of its own
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-        db_constraint=False, related_name="+",
+        db_constraint=False, db_index=False, related_name="+",
     )
 
     class Meta:
         db_table = "skiplock_job"
         verbose_name = "job side row"
+        # Partial where the column is often NULL (migration 0012): a job without an owner, or not
+        # finished yet, writes no entry there (every filter on them names a value).
         indexes = [
             models.Index(fields=["created_at"], name="skiplock_job_created_idx"),
-            models.Index(fields=["finished_at"], name="skiplock_job_finished_idx"),
-            models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx"),
+            models.Index(fields=["finished_at"], name="skiplock_job_finished_idx",
+                         condition=models.Q(finished_at__isnull=False)),
+            models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx",
+                         condition=models.Q(owner__isnull=False)),
         ]
         constraints = [
             models.UniqueConstraint(  # per starter (issue 13 item 4), was global
@@ -150,7 +154,9 @@ class JobAttempt(models.Model):
         TIMED_OUT = "timed_out"
         REQUEUED = "requeued"  # the worker shut down; the job waits again, no retry used
 
-    job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, related_name="attempt_set")
+    # Served by the unique (job, number) index: no index of its own to write on every attempt.
+    job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False,
+                            related_name="attempt_set")
     number = models.IntegerField()
     worker_name = models.CharField(max_length=255, blank=True, default="", db_default="")
     started_at = models.DateTimeField(db_default=Now())
