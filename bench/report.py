@@ -239,10 +239,10 @@ def profile_section(data: dict[str, Any]) -> Section | None:
 
 
 def targets_section(data: dict[str, Any]) -> Section | None:
+    """Issue 12's targets, each as measured in this run (ratios between systems of the same run)."""
     b = data["benchmarks"]
     rows: list[list[str]] = []
     proc = b.get("processing", {}).get("rows", {})
-    c4 = proc.get("noop/c4/p1", {})
 
     def rate(row: dict[str, Any], key: str) -> float | None:
         return median(row.get(key, {}).get("rate"))
@@ -254,29 +254,37 @@ def targets_section(data: dict[str, Any]) -> Section | None:
         met = value >= goal if higher else value <= goal
         rows.append([name, shown, f"{'≥' if higher else '≤'} {goal:g}{unit}", "met" if met else "NOT met"])
 
-    sl = rate(c4, "skiplock")
-    for key, goal, name in (("celery", 1.5, "no-op c4: Skiplock / Celery+Redis"),
-                            ("procrastinate", 2.0, "no-op c4: Skiplock / bare procrastinate"),
-                            ("sql", 1 / 3, "no-op c4: Skiplock / SQL limit (4 conn.)")):
-        other = rate(c4, key)
-        value = sl / other if sl and other else None
-        add(name, value, round(goal, 2), f"{value:.2f}×" if value else "–")
+    def share(a: float | None, b_: float | None) -> float | None:
+        return a / b_ if a and b_ else None
+
+    for shape in ("c4/p1", "c16/p2"):
+        row = proc.get(f"noop/{shape}", {})
+        for key, goal, label in (("celery", 1.5, "Celery+Redis"), ("procrastinate", 2.0, "bare procrastinate")):
+            value = share(rate(row, "skiplock"), rate(row, key))
+            add(f"no-op {shape}: Skiplock / {label}", value, goal, f"{value:.2f}×" if value else "–")
     io16 = rate(proc.get("io10/c16/p1", {}), "skiplock")
-    add("10 ms jobs c16: share of the ideal 1,600/s", io16 / 16 if io16 else None, 75,
+    add("10 ms jobs c16/p1: share of the ideal 1,600/s", io16 / 16 if io16 else None, 75,
         f"{io16 / 16:.0f} %" if io16 else "–", unit=" %")
     enq = b.get("enqueue", {})
-    for kind, goal in (("single", 1.5), ("batch", 10.0)):
-        s = median(enq.get("skiplock", {}).get(kind))
-        c = median(enq.get("celery", {}).get(kind))
-        value = s / c if s and c else None
-        add(f"enqueue {kind}: Skiplock / Celery", value, goal, f"{value:.2f}×" if value else "–")
+    direct = median(enq.get("skiplock", {}).get("single"))
+    for kind, other, goal in (("single", "celery", 1.0), ("batch", "procrastinate", 1.0)):
+        value = share(median(enq.get("skiplock", {}).get(kind)), median(enq.get(other, {}).get(kind)))
+        add(f"enqueue {kind}: Skiplock / {LABEL.get(other, other)}", value, goal, f"{value:.2f}×" if value else "–")
     pick = b.get("pickup", {}).get("skiplock", {}).get("latency_ms", {})
     add("pickup p50 (enqueue call → start)", pick.get("p50"), 3, f"{num(pick.get('p50'), 1)} ms", unit=" ms", higher=False)
     add("pickup p99 (enqueue call → start)", pick.get("p99"), 10, f"{num(pick.get('p99'), 1)} ms", unit=" ms", higher=False)
-    after = b.get("pickup", {}).get("skiplock", {}).get("after_enqueue_ms", {})
-    if after:
-        add("pickup p50 (committed → start)", after.get("p50"), 3, f"{num(after.get('p50'), 1)} ms", unit=" ms", higher=False)
-        add("pickup p99 (committed → start)", after.get("p99"), 10, f"{num(after.get('p99'), 1)} ms", unit=" ms", higher=False)
+    posts = (b.get("api") or {}).get("post_jobs") or {}
+    one = (posts.get("1") or {}).get("req_per_s")
+    value = share(one, direct)
+    add("POST /api/jobs, 1 client / direct defer()", value, 0.5, f"{value:.2f}×" if value else "–")
+    five = (posts.get("5") or {}).get("p99_ms")
+    add("POST /api/jobs, 5 clients: p99", five, 50, f"{num(five, 1)} ms", unit=" ms", higher=False)
+    prof = b.get("profile") or {}
+    for key, label in (("commits_per_job", "commits"), ("round_trips_per_job", "round trips"),
+                       ("wal_bytes_per_job", "WAL bytes"), ("server_cpu_ms_per_job", "PostgreSQL CPU")):
+        value = share((prof.get("skiplock") or {}).get(key), (prof.get("procrastinate") or {}).get(key))
+        add(f"{label} per job: Skiplock / bare procrastinate", value, 1.5, f"{value:.2f}×" if value else "–",
+            higher=False)
     points = b.get("growth", {}).get("points", [])
     if len(points) >= 2:
         first, last = points[0], points[-1]
@@ -284,7 +292,7 @@ def targets_section(data: dict[str, Any]) -> Section | None:
         add(f"rate at {last['finished_jobs']:,} finished / empty", r, 0.9, f"{r:.2f}×")
         p = (last["pickup_ms"].get("p50") or 0) / (first["pickup_ms"].get("p50") or 1)
         add(f"pickup p50 at {last['finished_jobs']:,} finished / empty", p, 1.1, f"{p:.2f}×", higher=False)
-    return "Targets (issue 9)", ["target", "measured", "goal", "status"], rows, ""
+    return "Targets (issue 12)", ["target", "measured", "goal", "status"], rows, ""
 
 
 def generic_section(data: dict[str, Any], name: str, title: str) -> Section | None:

@@ -40,9 +40,9 @@ class JobSide(models.Model):
     # Issue 13 item 4 (migration 0005): who started the job — "key:<id>", "user:<id>", or "" for
     # code and commands. An idempotency key is unique per starter, never across principals.
     started_by = models.CharField(max_length=32, blank=True, default="", db_default="")
-    owner = models.ForeignKey(  # served by skiplock_job_owner_idx (owner, -job_id): no index of its own
+    owner = models.ForeignKey(  # indexed by skiplock_job_owner_idx (owner, -job_id)
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-        db_constraint=False, db_index=False, related_name="+",
+        db_constraint=False, related_name="+", db_index=False,
     )
 
     class Meta:
@@ -154,9 +154,9 @@ class JobAttempt(models.Model):
         TIMED_OUT = "timed_out"
         REQUEUED = "requeued"  # the worker shut down; the job waits again, no retry used
 
-    # Served by the unique (job, number) index: no index of its own to write on every attempt.
-    job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False,
-                            related_name="attempt_set")
+    # indexed by skiplock_attempt_job_number_uniq (job, number)
+    job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, related_name="attempt_set",
+                            db_index=False)
     number = models.IntegerField()
     worker_name = models.CharField(max_length=255, blank=True, default="", db_default="")
     started_at = models.DateTimeField(db_default=Now())

@@ -51,6 +51,11 @@ _EVENT = """jsonb_build_object(
     'attempts', j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END)"""
 
 
+# Whether anyone listens for job events (an event hub registered in skiplock_listener): the hot
+# path builds its announcement only then (skiplock_announce checks again before it notifies).
+LISTENED = "EXISTS (SELECT 1 FROM skiplock_listener WHERE expires_at > now())"
+
+
 def event_sql(kind: str = "'state'") -> str:
     """SQL building one job's notification (aliases: `j` the changed queue row, `r` its side row)."""
     return _EVENT.format(kind=kind, step=STEP_IN_EVENTS)
@@ -466,103 +471,176 @@ def make_runnable_now(*, queues: Sequence[str] | None = None) -> int:
 
 @dataclass(frozen=True)
 class AttemptEnd:
-    """How one attempt ends. `status` is where the job goes: succeeded, failed, aborted, or todo.
+    """How one attempt ends, as one row of END_ATTEMPTS.
 
-    `counts` says whether a job going back to todo uses up a retry (False for `requeued` and
-    `lost`). Error fields left None keep what the side row holds (what the worker recorded).
+    `status` is where the job goes: succeeded, failed, aborted, `todo` (a retry at `retry_at`,
+    optionally with a new priority, queue or lock), `requeue` (back to todo without using up a
+    retry: shutdown, a lost worker) or `release` (claimed ahead, never started: back to todo, no
+    attempt row, nothing counted). The attempt is named by (job, worker, attempts as claimed): an
+    attempt that is no longer that worker's changes nothing. `started_at` and `worker_name` left
+    None are looked up (the start event, the worker's registration). Error fields left None keep
+    what the side row holds.
     """
 
     job_id: int
     worker_id: int | None
-    attempts: int  # procrastinate_jobs.attempts as claimed: the fence
+    attempts: int
     status: str
     outcome: str
     retry_at: dt.datetime | None = None
-    counts: bool = True
+    priority: int | None = None
+    queue: str | None = None
+    lock: str | None = None
+    result: str | None = None  # JSON text, for succeeded
     error_type: str | None = None
     error_message: str | None = None
     error_traceback: str | None = None
+    started_at: dt.datetime | None = None
+    worker_name: str | None = None
+    progress: int | None = None  # the last progress the attempt reported and that is not written yet
+    step: str | None = None
 
 
-# Fenced on (job, worker, attempts): an attempt that was written off changes nothing. Moves the
-# queue row (unlinking the worker), upserts the side row (first start, end, worker, error), inserts
-# the attempt row, counts the ends and announces them — one statement, one transaction.
+# End many attempts in one statement, each row fenced on (doing, worker, attempts as claimed):
+#   ended:   the queue rows, with finish_job_v1 / retry_job_v2 semantics (attempts + 1 unless the
+#            job is requeued or released, abort_requested cleared, a retry or requeue of a job
+#            whose abort was requested ends failed) and worker_id cleared (procrastinate#1454). A
+#            job going back to todo whose queueing lock is held by a waiting job gives its key up
+#            (procrastinate#1543).
+#   side:    result, error, finish time, progress on the side row (inserted for a job deferred
+#            without one, e.g. by raw procrastinate);
+#   attempt: the history row of each ended attempt (not for a release);
+#   then one call to the counters, one announcement for the batch when someone listens, and —
+#   when a job that held a `lock` ended while another job of that lock waits — one wake-up on
+#   the waiting jobs' queue channels, so a lock hand-over costs milliseconds, not a poll interval.
+# Used by the worker for its batches, by stall recovery and by the supervisor's hard-limit kill.
+# Returns one row per attempt that was still owned as described: (id, state, outcome, ...).
 END_ATTEMPTS = """
 WITH input AS (
     SELECT * FROM unnest(
         %(ids)s::bigint[], %(worker_ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-        %(outcomes)s::text[], %(retry_at)s::timestamptz[], %(counts)s::bool[],
-        %(error_types)s::text[], %(error_messages)s::text[], %(error_tracebacks)s::text[]
-    ) AS i(id, worker_id, attempts, status, outcome, retry_at, counts, error_type, error_message, error_traceback)
+        %(outcomes)s::text[], %(retry_at)s::timestamptz[], %(priorities)s::int[], %(queues)s::varchar[],
+        %(locks)s::text[], %(results)s::jsonb[], %(error_types)s::text[], %(error_messages)s::text[],
+        %(tracebacks)s::text[], %(started)s::timestamptz[], %(worker_names)s::text[], %(progress)s::int[],
+        %(steps)s::text[]
+    ) AS i(id, worker_id, attempts, status, outcome, retry_at, priority, queue, lock, result, error_type,
+           error_message, traceback, started_at, worker_name, progress, step)
 ),
-owned AS (
-    SELECT j.id, j.task_name, j.queue_name, i.retry_at, i.counts,
-           CASE WHEN i.status = 'todo' AND j.abort_requested THEN 'failed' ELSE i.status END AS new_status,
-           CASE WHEN i.status = 'todo' AND j.abort_requested AND i.outcome = 'retried' THEN 'failed'
-                ELSE i.outcome END AS outcome,
-           (SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started') AS started_at,
-           COALESCE((SELECT w.name FROM skiplock_worker w WHERE w.worker_id = j.worker_id),
-                    'worker-' || j.worker_id::text, '') AS worker_name,
-           COALESCE(i.error_type, r.error_type, '') AS error_type,
-           COALESCE(i.error_message, r.error_message, '') AS error_message,
-           COALESCE(i.error_traceback, r.error_traceback, '') AS error_traceback
-    FROM input i
-    JOIN procrastinate_jobs j ON j.id = i.id AND j.status = 'doing'
-         AND j.worker_id IS NOT DISTINCT FROM i.worker_id AND j.attempts = i.attempts
-    LEFT JOIN skiplock_job r ON r.job_id = j.id
-    FOR UPDATE OF j
-),
-moved AS (
+ended AS (
     UPDATE procrastinate_jobs j
-    SET status = o.new_status::procrastinate_job_status,
-        attempts = j.attempts + CASE WHEN o.new_status = 'todo' AND NOT o.counts THEN 0 ELSE 1 END,
-        abort_requested = false,
+    SET status = (CASE WHEN i.status IN ('todo', 'requeue') AND j.abort_requested THEN 'failed'
+                       WHEN i.status IN ('requeue', 'release') THEN 'todo'
+                       ELSE i.status END)::procrastinate_job_status,
+        attempts = j.attempts + CASE WHEN i.status IN ('requeue', 'release') THEN 0 ELSE 1 END,
+        abort_requested = i.status = 'release' AND j.abort_requested,
         worker_id = NULL,
-        scheduled_at = CASE WHEN o.new_status = 'todo' THEN COALESCE(o.retry_at, now()) ELSE j.scheduled_at END,
-        queueing_lock = CASE WHEN o.new_status = 'todo' THEN {queueing_lock} ELSE j.queueing_lock END
-    FROM owned o
-    WHERE j.id = o.id
-    RETURNING j.*
+        scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
+                            ELSE j.scheduled_at END,
+        priority = CASE WHEN i.status = 'todo' THEN COALESCE(i.priority, j.priority) ELSE j.priority END,
+        queue_name = CASE WHEN i.status = 'todo' THEN COALESCE(i.queue, j.queue_name) ELSE j.queue_name END,
+        lock = CASE WHEN i.status = 'todo' THEN COALESCE(i.lock, j.lock) ELSE j.lock END,
+        queueing_lock = CASE
+            WHEN i.status IN ('todo', 'requeue', 'release') AND j.queueing_lock IS NOT NULL AND EXISTS (
+                SELECT 1 FROM procrastinate_jobs q
+                WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
+            ) THEN NULL
+            ELSE j.queueing_lock END
+    FROM input i
+    WHERE j.id = i.id AND j.status = 'doing' AND j.worker_id IS NOT DISTINCT FROM i.worker_id
+      AND j.attempts = i.attempts
+    RETURNING j.id, j.status::text AS state, j.attempts, j.task_name, j.queue_name, j.lock,
+              (i.status IN ('todo', 'requeue') AND j.status = 'failed') AS retry_refused
+),
+result AS (
+    SELECT e.*, i.result, i.error_type, i.error_message, i.traceback, i.progress, i.step, i.status AS asked,
+           CASE WHEN e.retry_refused AND i.outcome = 'retried' THEN 'failed' ELSE i.outcome END AS outcome,
+           e.state IN ('succeeded', 'failed', 'aborted') AS final,
+           COALESCE(i.started_at, (SELECT max(ev.at) FROM procrastinate_events ev
+                                   WHERE ev.job_id = e.id AND ev.type = 'started'), now()) AS started_at,
+           COALESCE(i.worker_name, (SELECT w.name FROM skiplock_worker w WHERE w.worker_id = i.worker_id),
+                    'worker-' || i.worker_id::text, '') AS worker_name
+    FROM ended e JOIN input i ON i.id = e.id
 ),
 side AS (
-    INSERT INTO skiplock_job AS r (job_id, started_at, finished_at, worker_name,
-                                   error_type, error_message, error_traceback)
-    SELECT o.id, o.started_at, CASE WHEN o.new_status <> 'todo' THEN now() END, o.worker_name,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_type END,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_message END,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_traceback END
-    FROM owned o
-    ON CONFLICT (job_id) DO UPDATE
-    SET started_at = COALESCE(r.started_at, EXCLUDED.started_at), finished_at = EXCLUDED.finished_at,
-        worker_name = EXCLUDED.worker_name, error_type = EXCLUDED.error_type,
-        error_message = EXCLUDED.error_message, error_traceback = EXCLUDED.error_traceback
+    UPDATE skiplock_job r
+    SET started_at = COALESCE(r.started_at, x.started_at),
+        finished_at = CASE WHEN x.final THEN now() END,
+        worker_name = x.worker_name,
+        result = CASE WHEN x.state = 'succeeded' THEN x.result ELSE r.result END,
+        progress = CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress) END,
+        step = COALESCE(x.step, r.step),
+        progress_at = CASE WHEN x.state = 'succeeded' OR x.progress IS NOT NULL THEN now() ELSE r.progress_at END,
+        -- a requeue is no failure of the job: its error stays what the last failed attempt left
+        error_type = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+                          THEN r.error_type ELSE COALESCE(x.error_type, r.error_type) END,
+        error_message = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+                             THEN r.error_message ELSE COALESCE(x.error_message, r.error_message) END,
+        error_traceback = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+                               THEN r.error_traceback ELSE COALESCE(x.traceback, r.error_traceback) END
+    FROM result x
+    WHERE r.job_id = x.id AND x.asked <> 'release'
+),
+side_missing AS (
+    INSERT INTO skiplock_job (job_id, started_at, finished_at, worker_name, result, progress, step,
+                              progress_at, error_type, error_message, error_traceback)
+    SELECT x.id, x.started_at, CASE WHEN x.final THEN now() END, x.worker_name,
+           CASE WHEN x.state = 'succeeded' THEN x.result END,
+           CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, 0) END,
+           COALESCE(x.step, ''), now(),
+           CASE WHEN x.state = 'succeeded' THEN '' ELSE COALESCE(x.error_type, '') END,
+           CASE WHEN x.state = 'succeeded' THEN '' ELSE COALESCE(x.error_message, '') END,
+           CASE WHEN x.state = 'succeeded' THEN '' ELSE COALESCE(x.traceback, '') END
+    FROM result x
+    WHERE x.asked <> 'release' AND NOT EXISTS (SELECT 1 FROM skiplock_job r WHERE r.job_id = x.id)
+    ON CONFLICT (job_id) DO NOTHING
 ),
 attempt AS (
     INSERT INTO skiplock_job_attempt (job_id, number, worker_name, started_at, finished_at, outcome,
                                       error_type, error_message, error_traceback)
-    SELECT o.id, COALESCE((SELECT max(a.number) FROM skiplock_job_attempt a WHERE a.job_id = o.id), 0) + 1,
-           o.worker_name, COALESCE(o.started_at, now()), now(), o.outcome,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_type END,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_message END,
-           CASE WHEN o.outcome = 'succeeded' THEN '' ELSE o.error_traceback END
-    FROM owned o
+    SELECT x.id, COALESCE((SELECT max(a.number) FROM skiplock_job_attempt a WHERE a.job_id = x.id), 0) + 1,
+           x.worker_name, x.started_at, now(), x.outcome,
+           CASE WHEN x.outcome = 'succeeded' THEN '' ELSE COALESCE(x.error_type, '') END,
+           CASE WHEN x.outcome = 'succeeded' THEN '' ELSE COALESCE(x.error_message, '') END,
+           CASE WHEN x.outcome = 'succeeded' THEN '' ELSE COALESCE(x.traceback, '') END
+    FROM result x
+    WHERE x.asked <> 'release'
+),
+woken AS (
+    SELECT DISTINCT c.channel
+    FROM (SELECT DISTINCT x.lock FROM result x WHERE x.lock IS NOT NULL) AS held
+    JOIN procrastinate_jobs w ON w.lock = held.lock AND w.status = 'todo'
+    CROSS JOIN LATERAL (VALUES ('procrastinate_queue_v1#' || w.queue_name), ('procrastinate_any_queue_v1')) AS c(channel)
+    WHERE w.scheduled_at IS NULL OR w.scheduled_at <= now()
+),
+wake AS (
+    SELECT count(pg_notify(channel, '{"type": "job_inserted", "job_id": 0}')) AS n FROM woken
+),
+stats AS (
+    SELECT skiplock_count_ends(
+        array_agg(x.task_name::text), array_agg(x.queue_name::text),
+        array_agg(CASE WHEN x.asked <> 'release' THEN x.outcome END),
+        array_agg(CASE WHEN x.final THEN x.state END),
+        array_agg(extract(epoch FROM now() - x.started_at)::float8)
+    ) AS counted
+    FROM result x
+),
+announced AS (
+    SELECT skiplock_announce(jsonb_agg(jsonb_build_object(
+        'id', x.id, 'event', 'state', 'state', x.state,
+        'progress', CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress, 0) END,
+        'step', left(COALESCE(x.step, r.step, ''), 200), 'attempts', x.attempts
+    ))) AS n
+    FROM result x LEFT JOIN skiplock_job r ON r.job_id = x.id
+    WHERE {listened}
 )
-SELECT (SELECT COALESCE(jsonb_agg(jsonb_build_array(j.id, j.status::text)), '[]') FROM moved j) AS ended,
-       (SELECT skiplock_count_ends(
-            array_agg(o.task_name), array_agg(o.queue_name), array_agg(o.outcome),
-            array_agg(CASE WHEN o.new_status <> 'todo' THEN o.new_status END),
-            array_agg(EXTRACT(EPOCH FROM now() - COALESCE(o.started_at, now()))::float8))
-        FROM owned o) AS counted,
-       (SELECT skiplock_announce(jsonb_agg({event}))
-        FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id) AS announced
-"""
-
-
-def end_attempts_sql() -> str:
-    return END_ATTEMPTS.replace("{queueing_lock}", QUEUEING_LOCK_ON_RETRY).replace("{event}", event_sql())
+SELECT x.id, x.state, x.outcome, (SELECT n FROM wake) AS woken,
+       (SELECT counted FROM stats) + COALESCE((SELECT n FROM announced), 0) AS side
+FROM result x
+""".replace("{listened}", LISTENED)
 
 
 def end_attempts_params(ends: Sequence[AttemptEnd]) -> dict[str, Any]:
+    """END_ATTEMPTS' parallel arrays."""
     return {
         "ids": [e.job_id for e in ends],
         "worker_ids": [e.worker_id for e in ends],
@@ -570,10 +648,17 @@ def end_attempts_params(ends: Sequence[AttemptEnd]) -> dict[str, Any]:
         "statuses": [e.status for e in ends],
         "outcomes": [e.outcome for e in ends],
         "retry_at": [e.retry_at for e in ends],
-        "counts": [e.counts for e in ends],
+        "priorities": [e.priority for e in ends],
+        "queues": [e.queue for e in ends],
+        "locks": [e.lock for e in ends],
+        "results": [e.result for e in ends],
         "error_types": [e.error_type for e in ends],
         "error_messages": [e.error_message for e in ends],
-        "error_tracebacks": [e.error_traceback for e in ends],
+        "tracebacks": [e.error_traceback for e in ends],
+        "started": [e.started_at for e in ends],
+        "worker_names": [e.worker_name for e in ends],
+        "progress": [e.progress for e in ends],
+        "steps": [e.step for e in ends],
     }
 
 
@@ -584,11 +669,8 @@ def end_attempts(ends: Sequence[AttemptEnd], *, cursor: Any = None) -> dict[int,
     if cursor is None:
         with connection.cursor() as own:
             return end_attempts(ends, cursor=own)
-    cursor.execute(end_attempts_sql(), end_attempts_params(ends))
-    ended = cursor.fetchone()[0]
-    if isinstance(ended, str):
-        ended = json.loads(ended)
-    return {int(job_id): str(status) for job_id, status in ended}
+    cursor.execute(END_ATTEMPTS, end_attempts_params(ends))
+    return {int(row[0]): str(row[1]) for row in cursor.fetchall()}
 
 
 # --- stall recovery and pruning --------------------------------------------------------------------
@@ -659,7 +741,7 @@ def recover_stalled(
                 give_up = lost_before + 1 >= MAX_LOST_ATTEMPTS
                 ends.append(AttemptEnd(
                     job_id=job_id, worker_id=worker_id, attempts=attempts,
-                    status="failed" if give_up else "todo", outcome=outcome, counts=False,
+                    status="failed" if give_up else "requeue", outcome=outcome,
                     error_type="WorkerLost", error_message=message, error_traceback="",
                 ))
             for job_id, status in end_attempts(ends, cursor=cursor).items():
@@ -672,7 +754,7 @@ def recover_stalled(
 
 
 def end_one_attempt(
-    cursor: Any, *, job_id: int, outcome: str, error_type: str, message: str, retry: bool, counts: bool = True,
+    cursor: Any, *, job_id: int, outcome: str, error_type: str, message: str, retry: bool,
 ) -> str | None:
     """End the running attempt of one `doing` job (whoever runs it) with `outcome`: retried or failed.
 
@@ -684,8 +766,7 @@ def end_one_attempt(
     if row is None:
         return None
     end = AttemptEnd(
-        job_id=job_id, worker_id=row[0], attempts=row[1], status="todo" if retry else "failed",
-        outcome=outcome, counts=counts, error_type=error_type, error_message=message, error_traceback="",
+        job_id=job_id, worker_id=row[0], attempts=row[1], status="todo" if retry else "failed", outcome=outcome, error_type=error_type, error_message=message, error_traceback="",
     )
     return end_attempts([end], cursor=cursor).get(job_id)
 
@@ -790,8 +871,7 @@ WITH candidate AS MATERIALIZED (
 claimed AS (
     UPDATE procrastinate_jobs p
     SET status = 'doing', worker_id = %(worker_id)s
-    FROM candidate c
-    WHERE p.id = c.id
+    WHERE p.id = ANY(ARRAY(SELECT c.id FROM candidate c))  -- by primary key, whatever the estimates
     RETURNING p.id, p.task_name, p.queue_name, p.priority, p.lock, p.queueing_lock, p.args, p.attempts,
               p.abort_requested
 )
@@ -801,131 +881,10 @@ SELECT c.*, (
         'progress', COALESCE(r.progress, 0), 'step', left(COALESCE(r.step, ''), 200), 'attempts', x.attempts + 1
     )))
     FROM claimed x LEFT JOIN skiplock_job r ON r.job_id = x.id
+    WHERE {listened}
 ) AS announced
 FROM claimed c
-"""
-
-# End many attempts of one worker in one statement. Per row (parallel arrays): the attempt
-# (id, attempts as claimed), the end `status` — succeeded, failed, aborted, `todo` (a retry at
-# retry_at, with optional new priority/queue/lock) or `requeue` (back to todo without using up a
-# retry: shutdown release) or `release` (a job claimed ahead that never started: back to todo,
-# no attempt row, nothing counted) — the attempt's `outcome` for its history row, the
-# result or error, the claim time, and the last progress the job reported (NULL: none pending).
-#   ended:   the queue rows, fenced per row on (doing, worker, attempts as claimed); with
-#            finish_job_v1 / retry_job_v2 semantics (attempts + 1, abort_requested cleared, an
-#            abort-requested retry ends failed) and worker_id cleared (procrastinate#1454). A retry
-#            whose queueing lock is held by a waiting job gives its key up (procrastinate#1543).
-#   side:    result, error, finish time, progress on the side row of the jobs `ended` returned
-#            (inserted for a job deferred without one);
-#   attempt: the history row of each ended attempt;
-#   then one call to the counters and one announcement for the batch, and — when a job that
-#   held a `lock` ended while another job of that lock waits — one wake-up on the waiting jobs'
-#   queue channels, so a lock hand-over costs milliseconds, not a poll interval.
-# Returns one row per attempt that was still ours: (id, state, outcome).
-FINISH = """
-WITH input AS (
-    SELECT * FROM unnest(
-        %(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(outcomes)s::text[],
-        %(retry_at)s::timestamptz[], %(priorities)s::int[], %(queues)s::varchar[], %(locks)s::text[],
-        %(results)s::jsonb[], %(error_types)s::text[], %(error_messages)s::text[], %(tracebacks)s::text[],
-        %(started)s::timestamptz[], %(progress)s::int[], %(steps)s::text[]
-    ) AS i(id, attempts, status, outcome, retry_at, priority, queue, lock, result, error_type,
-           error_message, traceback, started_at, progress, step)
-),
-ended AS (
-    UPDATE procrastinate_jobs j
-    SET status = (CASE WHEN i.status IN ('requeue', 'release') THEN 'todo'
-                       WHEN i.status = 'todo' AND j.abort_requested THEN 'failed'
-                       ELSE i.status END)::procrastinate_job_status,
-        attempts = j.attempts + CASE WHEN i.status IN ('requeue', 'release') THEN 0 ELSE 1 END,
-        abort_requested = false,
-        worker_id = NULL,
-        scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
-                            ELSE j.scheduled_at END,
-        priority = CASE WHEN i.status = 'todo' THEN COALESCE(i.priority, j.priority) ELSE j.priority END,
-        queue_name = CASE WHEN i.status = 'todo' THEN COALESCE(i.queue, j.queue_name) ELSE j.queue_name END,
-        lock = CASE WHEN i.status = 'todo' THEN COALESCE(i.lock, j.lock) ELSE j.lock END,
-        queueing_lock = CASE
-            WHEN i.status IN ('todo', 'requeue', 'release') AND j.queueing_lock IS NOT NULL AND EXISTS (
-                SELECT 1 FROM procrastinate_jobs q
-                WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
-            ) THEN NULL
-            ELSE j.queueing_lock END
-    FROM input i
-    WHERE j.id = i.id AND j.status = 'doing' AND j.worker_id = %(worker_id)s AND j.attempts = i.attempts
-    RETURNING j.id, j.status::text AS state, j.attempts, j.task_name, j.queue_name, j.lock,
-              (i.status = 'todo' AND j.status = 'failed') AS retry_refused
-),
-result AS (
-    SELECT e.*, i.started_at, i.result, i.error_type, i.error_message, i.traceback, i.progress, i.step,
-           i.status AS asked,
-           CASE WHEN e.retry_refused AND i.outcome = 'retried' THEN 'failed' ELSE i.outcome END AS outcome,
-           e.state IN ('succeeded', 'failed', 'aborted') AS final
-    FROM ended e JOIN input i ON i.id = e.id
-),
-side AS (
-    UPDATE skiplock_job r
-    SET started_at = COALESCE(r.started_at, x.started_at),
-        finished_at = CASE WHEN x.final THEN now() END,
-        worker_name = %(worker_name)s,
-        result = CASE WHEN x.state = 'succeeded' THEN x.result ELSE r.result END,
-        progress = CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress) END,
-        step = COALESCE(x.step, r.step),
-        progress_at = CASE WHEN x.state = 'succeeded' OR x.progress IS NOT NULL THEN now() ELSE r.progress_at END,
-        error_type = CASE WHEN x.asked = 'requeue' THEN r.error_type ELSE COALESCE(x.error_type, '') END,
-        error_message = CASE WHEN x.asked = 'requeue' THEN r.error_message ELSE COALESCE(x.error_message, '') END,
-        error_traceback = CASE WHEN x.asked = 'requeue' THEN r.error_traceback ELSE COALESCE(x.traceback, '') END
-    FROM result x
-    WHERE r.job_id = x.id AND x.asked <> 'release'
-),
-side_missing AS (
-    INSERT INTO skiplock_job (job_id, started_at, finished_at, worker_name, result, progress, step,
-                              progress_at, error_type, error_message, error_traceback)
-    SELECT x.id, x.started_at, CASE WHEN x.final THEN now() END, %(worker_name)s,
-           CASE WHEN x.state = 'succeeded' THEN x.result END,
-           CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, 0) END,
-           COALESCE(x.step, ''), now(),
-           COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
-    FROM result x
-    WHERE x.asked <> 'release' AND NOT EXISTS (SELECT 1 FROM skiplock_job r WHERE r.job_id = x.id)
-    ON CONFLICT (job_id) DO NOTHING
-),
-attempt AS (
-    INSERT INTO skiplock_job_attempt (job_id, number, worker_name, started_at, finished_at, outcome,
-                                      error_type, error_message, error_traceback)
-    SELECT x.id, COALESCE((SELECT max(a.number) FROM skiplock_job_attempt a WHERE a.job_id = x.id), 0) + 1,
-           %(worker_name)s, x.started_at, now(), x.outcome,
-           COALESCE(x.error_type, ''), COALESCE(x.error_message, ''), COALESCE(x.traceback, '')
-    FROM result x
-    WHERE x.asked <> 'release'
-),
-woken AS (
-    SELECT DISTINCT c.channel
-    FROM (SELECT DISTINCT x.lock FROM result x WHERE x.lock IS NOT NULL) AS held
-    JOIN procrastinate_jobs w ON w.lock = held.lock AND w.status = 'todo'
-    CROSS JOIN LATERAL (VALUES ('procrastinate_queue_v1#' || w.queue_name), ('procrastinate_any_queue_v1')) AS c(channel)
-    WHERE w.scheduled_at IS NULL OR w.scheduled_at <= now()
-),
-wake AS (
-    SELECT count(pg_notify(channel, '{"type": "job_inserted", "job_id": 0}')) AS n FROM woken
-),
-stats AS (
-    SELECT skiplock_count_ends(
-        array_agg(x.task_name::text), array_agg(x.queue_name::text),
-        array_agg(CASE WHEN x.asked <> 'release' THEN x.outcome END),
-        array_agg(CASE WHEN x.final THEN x.state END),
-        array_agg(extract(epoch FROM now() - x.started_at)::float8)
-    ) AS counted,
-    skiplock_announce(jsonb_agg(jsonb_build_object(
-        'id', x.id, 'event', 'state', 'state', x.state,
-        'progress', CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress, 0) END,
-        'step', left(COALESCE(x.step, r.step, ''), 200), 'attempts', x.attempts
-    ))) AS announced
-    FROM result x LEFT JOIN skiplock_job r ON r.job_id = x.id
-)
-SELECT x.id, x.state, x.outcome, (SELECT n FROM wake) AS woken, (SELECT counted + announced FROM stats) AS side
-FROM result x
-"""
+""".replace("{listened}", LISTENED)
 
 # The latest progress of a running attempt; nothing when the attempt is no longer this worker's.
 # The fence holds a share lock on the queue row, so an attempt ending concurrently (its finish,

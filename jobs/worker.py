@@ -5,13 +5,15 @@ helper alike, so every path runs jobs the same way. It uses no private part of p
 its SQL is Skiplock's (jobs/transitions.py, "worker hot path"), checked against procrastinate's
 own `procrastinate_fetch_job_v2` by tests/test_worker_claim.py.
 
-    claim   ── one statement claims up to the number of free slots (procrastinate's order and
-               `lock` rule; a job that is not due never blocks its lock).
+    claim   ── one statement claims up to the number of free slots plus a prefetch sized to
+               what ends during a round trip (procrastinate's order and `lock` rule; a job that
+               is not due never blocks its lock).
     run     ── async tasks run on this loop, sync tasks in a thread pool of `concurrency` threads.
-    finish  ── endings wait in a buffer and are written by one statement per batch (a flush
-               window of a few ms, at FLUSH_MAX endings, before every claim, and at shutdown),
-               fenced per row on (job, worker, attempts), with the side row, the attempt row, the
-               counters and one announcement.
+    finish  ── endings wait in a list and ride with the next claim: one pipeline, one commit,
+               END_ATTEMPTS fenced per row on (job, worker, attempts), with the side row, the
+               attempt row, the counters and one announcement. The claim loop is the only
+               sender, so while a round trip is in flight the next batch gathers; with no claim
+               due an ending waits at most the flush window.
     side    ── heartbeat (also polls abort requests and checks that running jobs are still ours,
                and runs stalled-job recovery), LISTEN for new jobs, released locks and abort
                requests, the periodic deferrer, and progress writers for jobs that report it.
@@ -162,9 +164,13 @@ class Worker:
         self.flush_window = flush_window
         self.flush_max = flush_max
         # Jobs claimed ahead of a free slot, so a slot that frees starts its next job at once instead
-        # of waiting for a round trip. Bounded (a buffered job is `doing`: it holds its lock and
-        # another worker cannot take it), none below concurrency 4.
-        self.prefetch = min(concurrency // 4, 8) if prefetch is None else prefetch
+        # of waiting for a round trip. A buffered job is `doing` (it holds its lock and no other
+        # worker can take it), so by default the buffer is sized to what ends during one and a half
+        # round trips: full for jobs shorter than a round trip, none for jobs of a second or more
+        # (`_prefetch_now`). An explicit `prefetch` fixes the size.
+        self.prefetch = prefetch
+        self._job_seconds = 1.0  # moving average of how long a job runs (starts cautious: no prefetch)
+        self._trip_seconds = 0.002  # moving average of a finish-and-claim round trip
 
         self.worker_id: int | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
@@ -172,7 +178,7 @@ class Worker:
         self._running: dict[int, Running] = {}
         self._buffer: collections.deque[recording.Claimed] = collections.deque()  # claimed, not started
         self._pending: list[recording.Ending] = []
-        self._flush_due = asyncio.Event()
+        self._pending_since = 0.0  # loop time when the oldest unwritten ending arrived
         self._db_lock = asyncio.Lock()  # one claim/finish round trip at a time
         self._wake = _Wake()
         self._stop = asyncio.Event()
@@ -243,7 +249,6 @@ class Worker:
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
         side = [
             asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
-            asyncio.create_task(self._flush_forever(), name="finisher"),
         ]
         if self.listen_notify:
             side.append(asyncio.create_task(self._listen_forever(), name="listener"))
@@ -297,20 +302,30 @@ class Worker:
 
     # -- claiming ------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
+        """The worker's one round-tripper: finishes what ended and claims what fits, together.
+
+        Endings ride along with the next claim; while a round trip is in flight the next batch of
+        endings gathers (group commit without a timer). Only when no claim is due do endings wait,
+        at most `flush_window`, for a finish-only round trip.
+        """
         more = True  # the last claim filled every free slot, or something said work is waiting
         delays = backoff_delays()
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             wake = self._wake
             free = self._wanted()
-            if free > 0 and (more or wake.notified):
-                wake.notified = wake.slot_freed = False
-                if self._pending and self._running:
-                    # Neighbours finishing in this same loop iteration share the round trip (and
-                    # those finishing while it is in flight share the next one): no waiting here.
-                    await asyncio.sleep(0)
-                    free = self._wanted()
+            claim = free > 0 and (more or wake.notified)
+            flush_due = bool(self._pending) and (
+                len(self._pending) >= self.flush_max or loop.time() >= self._pending_since + self.flush_window)
+            if claim or flush_due:
+                if claim:
+                    wake.notified = wake.slot_freed = False
+                    if self._pending and self._running:
+                        # Neighbours finishing in this same loop iteration share the round trip.
+                        await asyncio.sleep(0)
+                        free = self._wanted()
                 try:
-                    claimed = await self._finish_and_claim(free)
+                    claimed = await self._finish_and_claim(free if claim else 0)
                 except Exception as exc:
                     if not is_connection_error(exc):
                         logger.exception("claiming jobs failed; retrying")
@@ -324,18 +339,25 @@ class Worker:
                     else:
                         self._buffer.append(job)
                 self._send_reports()  # before any of them runs: a job stuck in C must be known
-                more = len(claimed) == free
-                if more:
-                    continue
-                if not claimed and not self.wait and not self._running and not self._buffer:
-                    return  # drained: nothing runnable, nothing running
+                if claim:
+                    more = len(claimed) == free
+                    if more:
+                        continue
+                    if not claimed and not self.wait and not self._running and not self._buffer:
+                        return  # drained: nothing runnable, nothing running
+                if self._pending:
+                    continue  # ended while the round trip was in flight
             wake.event.clear()
             free = self._wanted()
             if not (wake.slot_freed or (wake.notified and free > 0) or self._stop.is_set()):
+                timeout = self.poll_interval
+                if self._pending:
+                    timeout = max(0.0, min(timeout, self._pending_since + self.flush_window - loop.time()))
                 try:
-                    await asyncio.wait_for(wake.event.wait(), timeout=self.poll_interval)
+                    await asyncio.wait_for(wake.event.wait(), timeout=timeout)
                 except TimeoutError:
-                    more = True  # poll: jobs may have become due, or a wake-up was missed
+                    if not self._pending:
+                        more = True  # poll: jobs may have become due, or a wake-up was missed
             if wake.slot_freed:
                 wake.slot_freed = False
                 if not self.wait:
@@ -343,7 +365,14 @@ class Worker:
 
     def _wanted(self) -> int:
         """How many jobs to claim now: the free slots, plus what keeps the prefetch buffer full."""
-        return self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
+        return self.concurrency + self._prefetch_now() - len(self._running) - len(self._buffer)
+
+    def _prefetch_now(self) -> int:
+        """Jobs to hold ahead: those that end, at full concurrency, while 1.5 round trips go by."""
+        if self.prefetch is not None:
+            return self.prefetch
+        ending_meanwhile = 1.5 * self._trip_seconds * self.concurrency / max(self._job_seconds, 1e-4)
+        return min(self.concurrency, round(ending_meanwhile))
 
     async def _finish_and_claim(self, n: int) -> list[recording.Claimed]:
         """Finish what is pending and claim up to `n` jobs: one round trip, one transaction."""
@@ -355,6 +384,7 @@ class Worker:
                 await self._flush_on(conn)  # a backlog (after an outage): its own statements first
             for _ in range(5):
                 batch = self._pending[: self.flush_max]
+                sent = time.monotonic()
                 try:
                     finished, rows = await self._pipelined(conn, batch, n)
                 except psycopg.errors.UniqueViolation:
@@ -371,6 +401,7 @@ class Worker:
                         self._needs_reconcile = True  # the claim may have committed without its answer
                     raise
                 self._settle(batch, finished)
+                self._trip_seconds += 0.2 * (time.monotonic() - sent - self._trip_seconds)
                 claimed = [recording.Claimed(*row[:9]) for row in rows]
                 claimed.sort(key=lambda job: (-job.priority, job.id))
                 return claimed
@@ -393,9 +424,11 @@ class Worker:
             if batch:
                 finish = await _execute(conn, _FINISH, finish_params(
                     batch, worker_id=self.worker_id, worker_name=self.name))
-            claim = await _execute(conn, _CLAIM, {"queues": self.queues, "n": n, "worker_id": self.worker_id})
+            claim = None
+            if n > 0:
+                claim = await _execute(conn, _CLAIM, {"queues": self.queues, "n": n, "worker_id": self.worker_id})
         finished = await finish.fetchall() if finish is not None else []
-        return finished, await claim.fetchall()
+        return finished, await claim.fetchall() if claim is not None else []
 
     async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Requeue `doing` jobs of ours that we do not run (a claim whose answer was lost)."""
@@ -535,6 +568,8 @@ class Worker:
 
     def _job_done(self, running: Running, ending: recording.Ending | None) -> None:
         job_id = running.job.id
+        ran = (dt.datetime.now(dt.UTC) - running.started_at).total_seconds()
+        self._job_seconds += 0.1 * (ran - self._job_seconds)
         if running.timer is not None:
             running.timer.cancel()
         if self._running.get(job_id) is running:
@@ -555,9 +590,15 @@ class Worker:
             pending = running.ctx.take_progress()
             if pending is not None:
                 ending.progress, ending.step = pending
-            self._pending.append(ending)
-            self._flush_due.set()
+            self._add_ending(ending)
         self._wake.slot_freed = True
+        self._wake.event.set()
+
+    def _add_ending(self, ending: recording.Ending) -> None:
+        """Queue an ending for the next round trip (the claim loop writes it within flush_window)."""
+        if not self._pending:
+            self._pending_since = asyncio.get_running_loop().time()
+        self._pending.append(ending)
         self._wake.event.set()
 
     def _time_limit(self, running: Running, kind: str) -> None:
@@ -598,11 +639,10 @@ class Worker:
             buffered = next((job for job in self._buffer if job.id == job_id), None)
             if buffered is not None:  # never started: it ends aborted without running
                 self._buffer.remove(buffered)
-                self._pending.append(recording.Ending(
+                self._add_ending(recording.Ending(
                     job=buffered, status="aborted", outcome="aborted", started_at=dt.datetime.now(dt.UTC),
                     error_type="JobAborted", error_message="aborted before it started", traceback="",
                 ))
-                self._flush_due.set()
                 continue
             running = self._running.get(job_id)
             if running is None or running.ctx.abort_requested:
@@ -666,27 +706,6 @@ class Worker:
             self._writers.discard(asyncio.current_task())
 
     # -- finishing -----------------------------------------------------------------------------
-    async def _flush_forever(self) -> None:
-        delays = backoff_delays()
-        while True:
-            await self._flush_due.wait()
-            if len(self._pending) < self.flush_max and self.flush_window > 0:
-                await asyncio.sleep(self.flush_window)
-            self._flush_due.clear()
-            if not self._pending:
-                continue
-            try:
-                await self.flush()
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    logger.exception("recording finished jobs failed; retrying")
-                await asyncio.sleep(next(delays))
-                self._flush_due.set()
-                continue
-            delays = backoff_delays()
-            if self._pending:
-                self._flush_due.set()
-
     async def flush(self) -> None:
         """Write every pending ending now (one statement per FLUSH_MAX endings)."""
         async with self._db_lock:
@@ -840,7 +859,15 @@ class Worker:
             tasks = [r.task for r in self._running.values() if r.task is not None]
             all_done = asyncio.ensure_future(asyncio.wait(tasks))
             forced = asyncio.ensure_future(self._force_stop.wait())
-            await asyncio.wait([all_done, forced], timeout=self.shutdown_grace, return_when=asyncio.FIRST_COMPLETED)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.shutdown_grace
+            while not (all_done.done() or forced.done()) and loop.time() < deadline:
+                # Jobs that end during the grace period are recorded as they end, not at its close.
+                await asyncio.wait([all_done, forced], timeout=min(max(self.flush_window, 0.05), deadline - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if self._pending and self.worker_id is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.flush(), timeout=5.0)
             all_done.cancel()
             forced.cancel()
         if self._running:
@@ -905,7 +932,7 @@ class _Statement:
 
 
 _CLAIM = _Statement(transitions.CLAIM)
-_FINISH = _Statement(transitions.FINISH)
+_FINISH = _Statement(transitions.END_ATTEMPTS)
 _WRITE_PROGRESS = _Statement(transitions.WRITE_PROGRESS)
 _HEARTBEAT = _Statement(transitions.HEARTBEAT)
 
@@ -918,23 +945,24 @@ async def _execute(conn: psycopg.AsyncConnection[Any], statement: _Statement,
 
 
 def finish_params(batch: list[recording.Ending], *, worker_id: int | None, worker_name: str) -> dict[str, Any]:
-    """The finish statement's parallel arrays for a batch of endings."""
+    """END_ATTEMPTS' parallel arrays for a batch of this worker's endings."""
+    nothing = [None] * len(batch)
     return {
-        "worker_id": worker_id,
-        "worker_name": worker_name,
         "ids": [e.job.id for e in batch],
+        "worker_ids": [worker_id] * len(batch),
         "attempts": [e.job.attempts for e in batch],
         "statuses": [e.status for e in batch],
         "outcomes": [e.outcome for e in batch],
         "retry_at": [e.retry_at for e in batch],
-        "priorities": [None for _ in batch],
-        "queues": [None for _ in batch],
-        "locks": [None for _ in batch],
+        "priorities": nothing,
+        "queues": nothing,
+        "locks": nothing,
         "results": [e.result for e in batch],
         "error_types": [e.error_type for e in batch],
         "error_messages": [e.error_message for e in batch],
         "tracebacks": [e.traceback for e in batch],
         "started": [e.started_at for e in batch],
+        "worker_names": [worker_name] * len(batch),
         "progress": [e.progress for e in batch],
         "steps": [e.step for e in batch],
     }

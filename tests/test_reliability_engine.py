@@ -111,7 +111,7 @@ def test_finished_jobs_keep_no_worker_link_so_removing_a_worker_touches_only_its
         endings = [recording.succeeded(recording.Claimed(job_id, "record_run", QUEUE, 0, None, None, {}, 0), now, "1")
                    for job_id in ids]
         with connection.cursor() as cursor:
-            cursor.execute(transitions.FINISH, finish_params(endings, worker_id=worker_id, worker_name="w"))
+            cursor.execute(transitions.END_ATTEMPTS, finish_params(endings, worker_id=worker_id, worker_name="w"))
             assert len(cursor.fetchall()) == 49
 
     # The engine (#1454): every job a worker ever ran still points at it, so deleting the worker

@@ -70,8 +70,8 @@ def test_ending_many_attempts_sends_one_notification_and_none_without_a_listener
         assert list(conn.notifies(timeout=0.3)) == []  # nobody registered: no NOTIFY at all
         conn.execute("INSERT INTO skiplock_listener (name, expires_at) VALUES ('t', now() + interval '1 minute')")
         try:
-            more = [transitions.AttemptEnd(job_id=ids[2], worker_id=worker, attempts=0, status="todo",
-                                           outcome="requeued", counts=False)]
+            more = [transitions.AttemptEnd(job_id=ids[2], worker_id=worker, attempts=0, status="requeue",
+                                           outcome="requeued")]
             assert transitions.end_attempts(more) == {ids[2]: "todo"}
             services.job_cancel(job_id=ids[2])
             received = [transitions_events(n.payload) for n in conn.notifies(timeout=0.5)]

@@ -170,7 +170,7 @@ def test_two_racing_claimers_never_claim_the_same_job_nor_two_of_one_lock(
             claimed[index] += [row[0] for row in rows]
             now = dt.datetime.now(dt.UTC)
             endings = [recording.succeeded(recording.Claimed(*row[:9]), now, "null") for row in rows]
-            done = conn.execute(transitions.FINISH, finish_params(endings, worker_id=worker_id,
+            done = conn.execute(transitions.END_ATTEMPTS, finish_params(endings, worker_id=worker_id,
                                                                   worker_name=f"racer-{index}")).fetchall()
             if len(done) != len(rows):
                 overlaps.append(f"finished {len(done)} of {len(rows)}")

@@ -98,7 +98,7 @@ def _late_writes(claimed: recording.Claimed, worker_id: int) -> tuple[int, int]:
         progress_rows = int(cursor.fetchone()[1])
         ending = recording.Ending(job=claimed, status="failed", outcome="failed", started_at=now,
                                   error_type="JobAborted", error_message="late error", traceback="tb")
-        cursor.execute(transitions.FINISH, finish_params([ending], worker_id=worker_id, worker_name="old"))
+        cursor.execute(transitions.END_ATTEMPTS, finish_params([ending], worker_id=worker_id, worker_name="old"))
         finished_rows = len(cursor.fetchall())
     return progress_rows, finished_rows
 
@@ -119,7 +119,7 @@ def test_late_progress_and_outcome_of_a_taken_back_attempt_match_nothing(worker_
     # …and after it ended.
     with connection.cursor() as cursor:
         ending = recording.succeeded(second, dt.datetime.now(dt.UTC), '{"ok": true}')
-        cursor.execute(transitions.FINISH, finish_params([ending], worker_id=new, worker_name="new"))
+        cursor.execute(transitions.END_ATTEMPTS, finish_params([ending], worker_id=new, worker_name="new"))
         assert len(cursor.fetchall()) == 1
     done = (query(SIDE, [job_id]), query(ATTEMPTS, [job_id]), queue_row(job_id))
     assert _late_writes(first, old) == (0, 0)

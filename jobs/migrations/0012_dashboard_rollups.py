@@ -11,12 +11,9 @@ Both tables are rings (slot = minute or hour number modulo the ring's size): a s
 a newer minute or hour reuses it, so they never grow past a few thousand rows and need no pruning.
 What was in the last 25 hours when this migration runs is rolled up from the job table once.
 
-It also trims what every job writes: two indexes no read needs go, two become partial, and the
-side rows' pages keep room for a row to grow in place when its job ends (see the operations).
+It also makes two side-row indexes partial where the column is often NULL (see the operations).
 """
 
-import django.db.models.deletion
-from django.conf import settings
 from django.db import migrations, models
 
 # Keep in step with jobs.dashboard (MINUTE_SLOTS, HOUR_SLOTS, _BINS, _LO, _HI) and
@@ -113,8 +110,7 @@ GROUP BY h, task_name, queue_name, state, bin;
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("jobs", "0010_state_lives_once"),
-        migrations.swappable_dependency(settings.AUTH_USER_MODEL),
+        ("jobs", "0011_lean_indexes"),
     ]
 
     operations = [
@@ -149,13 +145,6 @@ class Migration(migrations.Migration):
             options={"db_table": "skiplock_minute_stats"},
         ),
         migrations.RunSQL(count_ends(COUNTERS + ROLLUPS) + BACKFILL, count_ends(COUNTERS)),
-        # Two indexes every job paid for and no read needs: the attempt's job_id (the unique
-        # (job_id, number) index serves it) and the side row's owner_id (so does (owner_id, job_id DESC)).
-        migrations.AlterField(
-            model_name="jobattempt", name="job",
-            field=models.ForeignKey(db_constraint=False, db_index=False, on_delete=django.db.models.deletion.DO_NOTHING,
-                                    related_name="attempt_set", to="jobs.jobrecord"),
-        ),
         # Partial where the column is often NULL: a job without an owner, or not finished yet,
         # writes no entry there (every filter on them names a value).
         migrations.RemoveIndex(model_name="jobside", name="skiplock_job_finished_idx"),
@@ -169,15 +158,5 @@ class Migration(migrations.Migration):
             model_name="jobside",
             index=models.Index(condition=models.Q(("owner__isnull", False)), fields=["owner", "-job_id"],
                                name="skiplock_job_owner_idx"),
-        ),
-        # Room on each page for a side row to grow in place when its job ends (result, worker,
-        # error): the new version stays on its page, and new rows never land in the gaps of pages
-        # full of finished jobs (scattered over a table bigger than the cache).
-        migrations.RunSQL("ALTER TABLE skiplock_job SET (fillfactor = 80)", "ALTER TABLE skiplock_job RESET (fillfactor)"),
-        migrations.AlterField(
-            model_name="jobside", name="owner",
-            field=models.ForeignKey(blank=True, db_constraint=False, db_index=False, null=True,
-                                    on_delete=django.db.models.deletion.SET_NULL, related_name="+",
-                                    to=settings.AUTH_USER_MODEL),
         ),
     ]
