@@ -175,6 +175,8 @@ def pages(rows: int) -> dict[str, str]:
         "list task=index_document": "/admin/jobs/jobrecord/?task=index_document",
         "list queue=emails + failed": "/admin/jobs/jobrecord/?queue=emails&state=failed",
         "list finished last hour": "/admin/jobs/jobrecord/?finished=1h",
+        "list finished last 7 days + failed": "/admin/jobs/jobrecord/?finished=7d&state=failed",
+        "list created last 24 h": "/admin/jobs/jobrecord/?created=24h",
         "search by id": f"/admin/jobs/jobrecord/?q={probe}",
         "search by task": "/admin/jobs/jobrecord/?q=optimize_route",
         "search by argument (title=doc-N)": f"/admin/jobs/jobrecord/?q=title%3Ddoc-{probe}",
