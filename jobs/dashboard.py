@@ -1,9 +1,11 @@
-"""Aggregate reads for the job console: each one walks an index, never the whole job table.
+"""Aggregate reads for the job console: each one reads an index or a small rollup table, never the
+job history.
 
-Counts of waiting and running jobs are exact (the queue's status index holds few such rows); counts
-of finished jobs are taken over a time window on the side rows' `finished_at` index joined to the
-queue rows by primary key, and the all-time numbers
-are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost nothing at any size.
+Counts of waiting and running jobs are exact (the queue's status indexes hold only the backlog);
+what finished in the last hour and day comes from the rollup rings `skiplock_count_ends` writes
+in the statement that ends jobs (`skiplock_minute_stats`, `skiplock_hour_stats`, migration 0012);
+the all-time numbers are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost
+nothing at any size.
 """
 
 from __future__ import annotations

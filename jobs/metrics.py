@@ -28,7 +28,7 @@ from jobs.states import State
 logger = logging.getLogger(__name__)
 
 # Seconds; job durations span milliseconds (no-op) to an hour (the default soft limit).
-# Keep in step with skiplock_count_ends (migration 0010), which fills the buckets.
+# Keep in step with skiplock_count_ends (migrations 0010 and 0012), which fills the buckets.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 # Label sets stay bounded whatever names jobs bring: the registry's queues and tasks, plus the
 # busiest others up to this many, the rest summed under "other".

@@ -491,3 +491,34 @@ def test_the_periodic_page_shows_each_schedule_with_its_last_run() -> None:
     page = client.get("/admin/jobs/periodic/").content.decode()
     assert f'href="/admin/jobs/jobrecord/{job_id}/change/"' in page
     assert ">Succeeded</span>" in page
+
+
+@pytest.mark.parametrize("query", [
+    {}, {"state": "failed"}, {"state": "retrying"}, {"task": "index_document"}, {"queue": "emails", "state": "failed"},
+    {"finished": "1h"}, {"finished": "7d", "state": "failed"}, {"created": "24h"}, {"q": "1"}, {"q": "optimize_route"},
+    {"p": "2"},
+])
+def test_every_job_list_filter_walks_an_index_at_scale(admin_client: Client, query: dict[str, str]) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    insert_jobs(3, status="failed", queue="emails", task="index_document")
+    insert_jobs(2)
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.get(LIST, query).status_code == 200
+    reads = [q["sql"] for q in queries if ("procrastinate_jobs" in q["sql"] or "skiplock_job" in q["sql"])
+             and q["sql"].lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert reads
+    with connection.cursor() as cursor:
+        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
+        try:
+            for sql in reads:
+                cursor.execute("EXPLAIN " + sql)
+                plan = "\n".join(row[0] for row in cursor.fetchall()) + "\n"
+                for table in ("procrastinate_jobs", "skiplock_job", "skiplock_job_attempt", "procrastinate_events"):
+                    assert f"Seq Scan on {table} " not in plan, (sql, plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
+            cursor.execute("RESET enable_bitmapscan")
