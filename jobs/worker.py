@@ -371,6 +371,8 @@ class Worker:
         """Jobs to hold ahead: those that end, at full concurrency, while 1.5 round trips go by."""
         if self.prefetch is not None:
             return self.prefetch
+        if self.concurrency < 4:
+            return 0  # a small worker holds no job it cannot start: what waits stays cancellable
         ending_meanwhile = 1.5 * self._trip_seconds * self.concurrency / max(self._job_seconds, 1e-4)
         return min(self.concurrency, round(ending_meanwhile))
 

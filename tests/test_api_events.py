@@ -218,13 +218,16 @@ def test_idle_streams_send_heartbeats(client: httpx.Client, settings: Any) -> No
 def test_job_event_stream_is_reusable_from_python(client: httpx.Client) -> None:
     import asyncio
 
-    from jobs.events import job_event_stream
+    from jobs.events import get_hub, job_event_stream
 
     job_id = client.post("/api/jobs", json={"task": "deploy_stack", "args": FAST_DEPLOY}).json()["id"]
     client.post(f"/api/jobs/{job_id}/cancel")
 
     async def collect() -> list[str]:
-        return [chunk async for chunk in job_event_stream([job_id])]
+        try:
+            return [chunk async for chunk in job_event_stream([job_id])]
+        finally:
+            await get_hub().close()  # a loop that ends closes its hub (LISTEN task, snapshot pool)
 
     chunks = asyncio.run(collect())
     assert chunks[0].startswith("retry:")
