@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,18 +126,25 @@ def _cursor() -> Any:
 
 @contextlib.contextmanager
 def _process(args: list[str], env: dict[str, str]) -> Any:
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    """Run a server process; its log goes to a file (a pipe nobody reads would block it once full)
+    and a failure inside the block carries the log's tail."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
+        try:
+            yield proc
+        except Exception as exc:
+            log.seek(0)
+            tail = log.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"{type(exc).__name__}: {exc}; the log of `{' '.join(args[-3:])}` ends with:\n{tail}") from exc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -145,7 +153,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {(proc.stderr.read() if proc.stderr else b'').decode()[-2000:]}")
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -188,6 +196,20 @@ def _latency(values_s: list[float]) -> dict[str, float]:
 
 
 # --- measurements -----------------------------------------------------------------------------------
+
+
+def _direct_defer(total: int) -> dict[str, Any]:
+    """The same start done in Python (`job_defer`, one commit each) on the same database: the rate
+    POST /api/jobs is compared with (issue 12: one client reaches at least half of it)."""
+    from jobs.services import job_defer
+
+    args = {**FAST_DEPLOY, "stack": "direct"}
+    for _ in range(5):
+        job_defer(task_name="deploy_stack", args=args)  # warm up
+    started = time.perf_counter()
+    for _ in range(total):
+        job_defer(task_name="deploy_stack", args=args)
+    return {"jobs": total, "jobs_per_s": round(total / (time.perf_counter() - started), 1)}
 
 
 async def _post_jobs(base: str, key: str, clients: int, total: int) -> dict[str, Any]:
@@ -314,6 +336,7 @@ def run(size: str = "small") -> dict[str, Any]:
         with _process([python, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "project.asgi:application"],
                       server_env) as server:
             _wait_http(f"{base}/health/live", server)
+            result["direct_defer"] = _direct_defer(params["requests"])
             result["post_jobs"] = {}
             for clients in CONCURRENCY:
                 cpu = _cpu_seconds(server.pid)
@@ -340,6 +363,9 @@ def run(size: str = "small") -> dict[str, Any]:
             from project.embedded_postgres import EmbeddedPostgres
 
             EmbeddedPostgres(os.environ["SKIPLOCK_PG_INSTANCE"]).stop()
+    direct = result["direct_defer"]["jobs_per_s"]
+    one = result["post_jobs"]["1"]["req_per_s"]
+    result["one_client_share_of_direct"] = round(one / direct, 3) if direct else None
     five = result["post_jobs"]["5"]
     result["seed_target"] = {"p99_ms_at_5_clients": five["p99_ms"], "target_ms": 100, "met": five["p99_ms"] < 100}
     return result
@@ -352,6 +378,9 @@ def report(result: dict[str, Any]) -> str:
     for row in result["post_jobs"].values():
         lines.append(f"                  {row['clients']:>7}  {row['requests']:>8}  {row['req_per_s']:>6}  "
                      f"{row['p50_ms']:>8}  {row['p95_ms']:>7}  {row['p99_ms']:>7}   {row['server_cpu_ms_per_request']:>8}")
+    if "direct_defer" in result:
+        lines += ["", f"direct job_defer() in this run: {result['direct_defer']['jobs_per_s']} jobs/s; "
+                      f"one client over HTTP reaches {100 * result['one_client_share_of_direct']:.0f} % of it"]
     batch = result["batch"]
     lines += ["", f"POST /api/jobs/batch  {batch['batches']} × {batch['batch_size']} jobs: {batch['jobs_per_s']} jobs/s, "
                   f"p50 {batch['p50_ms']} ms per batch"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import secrets
 from collections.abc import Iterable
 
-from django.db.models import Q
+from django.db import connection
 from django.utils import timezone
 
 from jobs.exceptions import SkiplockError
@@ -42,21 +43,40 @@ def apikey_create(
     return key, raw
 
 
+# One round trip: the live key for a digest, and (at most once a minute per key: last_used_at is
+# for humans, not an audit log) its last use recorded. A request that records nothing writes nothing.
+_VERIFY = """
+WITH found AS (
+    SELECT id, name, prefix, key_hash, scopes::text AS scopes, created_at, expires_at, revoked_at, last_used_at,
+           created_by_id
+    FROM skiplock_api_key
+    WHERE key_hash = %(digest)s AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)
+),
+touched AS (
+    UPDATE skiplock_api_key k SET last_used_at = %(now)s
+    FROM found
+    WHERE k.id = found.id AND (found.last_used_at IS NULL OR found.last_used_at <= %(now)s - interval '1 minute')
+    RETURNING k.id
+)
+SELECT found.*, EXISTS (SELECT FROM touched) FROM found
+"""
+_VERIFY_FIELDS = ("id", "name", "prefix", "key_hash", "scopes", "created_at", "expires_at", "revoked_at",
+                  "last_used_at", "created_by_id")
+
+
 def apikey_verify(raw_key: str) -> ApiKey | None:
     """The live key for this secret (not revoked, not expired), or None. Records its last use."""
     now = timezone.now()
-    key = (
-        ApiKey.objects.filter(key_hash=digest(raw_key), revoked_at__isnull=True)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .first()
-    )
-    if key is None:
+    with connection.cursor() as cursor:
+        cursor.execute(_VERIFY, {"digest": digest(raw_key), "now": now})
+        row = cursor.fetchone()
+    if row is None:
         return None
-    # At most one write a minute per key: last_used_at is for humans, not an audit log.
-    if key.last_used_at is None or now - key.last_used_at > dt.timedelta(minutes=1):
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
-        key.last_used_at = now
-    return key
+    values = dict(zip(_VERIFY_FIELDS, row[:-1], strict=True))
+    values["scopes"] = json.loads(values["scopes"])
+    if row[-1]:
+        values["last_used_at"] = now
+    return ApiKey.from_db(connection.alias, list(values), list(values.values()))
 
 
 def apikey_revoke(*, key_id: int) -> bool:

@@ -327,6 +327,7 @@ class Supervisor:
     def _recover(self, worker_ids: list[int], timed_out_job: int | None, why: str) -> None:
         """Take back the jobs of a dead child: the over-limit one ends `timed_out`, the rest wait again."""
         if timed_out_job is not None:
+            # One transaction: whoever sees the over-limit job's verdict sees its neighbours requeued.
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(
                     "SELECT task_name, attempts FROM procrastinate_jobs "
@@ -342,11 +343,11 @@ class Supervisor:
                         message=f"hard time limit exceeded ({spec_limit:g} s): the worker process running it was killed",
                     )
                     logger.error("job %s: hard time limit exceeded, %s", timed_out_job, verdict)
-            # The neighbours did nothing wrong: back in the queue, no attempt charged.
-            maintenance.recover_stalled_jobs(
-                worker_ids=worker_ids, outcome="requeued",
-                reason=f"{why}; this job was put back in the queue without using up a retry",
-            )
+                # The neighbours did nothing wrong: back in the queue, no attempt charged.
+                maintenance.recover_stalled_jobs(
+                    worker_ids=worker_ids, outcome="requeued",
+                    reason=f"{why}; this job was put back in the queue without using up a retry",
+                )
             return
         maintenance.recover_stalled_jobs(worker_ids=worker_ids, outcome="lost",
                                          reason=f"{why} while running this job; the job was taken back")

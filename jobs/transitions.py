@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from django.db import IntegrityError, connection, transaction
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 from jobs.exceptions import (
     AlreadyQueued,
@@ -135,6 +137,22 @@ SELECT id FROM input ORDER BY n
 """
 
 
+# One job (an API start, `task.defer()`): the same two inserts with scalar parameters. Bound
+# server-side (`_bound_cursor`), it costs about half the client and server CPU of the array form.
+_DEFER_ONE = """
+WITH queued AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
+    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s::jsonb, %(scheduled_at)s)
+    RETURNING id
+),
+side AS (
+    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by)
+    SELECT id, %(key)s, %(owner)s, %(started_by)s FROM queued
+)
+SELECT id FROM queued
+"""
+
+
 def job_defer(
     *,
     task_name: str,
@@ -191,8 +209,24 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     return results
 
 
-def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
-    params: dict[str, Any] = {
+def _bound_cursor() -> CursorWrapper:
+    """A cursor on Django's connection (its transaction, error wrapping and query log) whose
+    parameters are bound server-side; Django's own cursors splice them into the SQL text."""
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    cursor = psycopg.Cursor(connection.connection)
+    return (CursorDebugWrapper if connection.queries_logged else CursorWrapper)(cursor, connection)
+
+
+def _insert_params(items: Sequence[_Prepared]) -> tuple[str, dict[str, Any]]:
+    if len(items) == 1:
+        item = items[0]
+        return _DEFER_ONE, {
+            "queue": item.queue, "task": item.task_name, "priority": item.priority, "lock": item.lock,
+            "queueing_lock": item.queueing_lock, "args": json.dumps(item.args), "scheduled_at": item.scheduled_at,
+            "key": item.request.idempotency_key, "owner": item.request.owner_id, "started_by": item.request.started_by,
+        }
+    return _DEFER, {
         "queues": [p.queue for p in items],
         "tasks": [p.task_name for p in items],
         "priorities": [p.priority for p in items],
@@ -204,13 +238,17 @@ def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
         "owners": [p.request.owner_id for p in items],
         "started_by": [p.request.started_by for p in items],
     }
+
+
+def _insert(items: Sequence[_Prepared], *, savepoint: bool) -> list[int]:
+    sql, params = _insert_params(items)
     # Inside the caller's transaction a failed insert must not poison it: a savepoint, only then.
     if savepoint:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_DEFER, params)
+        with transaction.atomic(), _bound_cursor() as cursor:
+            cursor.execute(sql, params)
             return [row[0] for row in cursor.fetchall()]
-    with connection.cursor() as cursor:
-        cursor.execute(_DEFER, params)
+    with _bound_cursor() as cursor:
+        cursor.execute(sql, params)
         return [row[0] for row in cursor.fetchall()]
 
 

@@ -98,6 +98,8 @@ INSTALLED_APPS = [
     "jobs",
 ]
 
+# Under ASGI (project/asgi.py) the stock classes below are loaded as their project/middleware.py
+# variants: the same hooks, run on the event loop instead of one thread hop each.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
