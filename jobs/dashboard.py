@@ -1,9 +1,11 @@
-"""Aggregate reads for the job console: each one walks an index, never the whole job table.
+"""Aggregate reads for the job console: each one reads an index or a small rollup table, never the
+job history.
 
-Counts of waiting and running jobs are exact (the queue's status index holds few such rows); counts
-of finished jobs are taken over a time window on the side rows' `finished_at` index joined to the
-queue rows by primary key, and the all-time numbers
-are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost nothing at any size.
+Counts of waiting and running jobs are exact (the queue's status indexes hold only the backlog);
+what finished in the last hour and day comes from the rollup rings `skiplock_count_ends` writes
+in the statement that ends jobs (`skiplock_minute_stats`, `skiplock_hour_stats`, migration 0012);
+the all-time numbers are PostgreSQL's own estimates (`pg_class.reltuples`, `pg_stats`), which cost
+nothing at any size.
 """
 
 from __future__ import annotations
@@ -132,14 +134,15 @@ def active_counts() -> dict[str, int]:
     return counts
 
 
-# Durations are binned on a log scale (1 ms … 1 day, 120 bins, ~8 % wide) so one index scan of the
-# window yields every percentile; the exact maximum comes along.
+# Durations are binned on a log scale (1 ms … 1 day, 120 bins, ~8 % wide) so the rollup rows yield
+# every percentile; the exact maximum comes along. Keep in step with migration 0012.
 _BINS, _LO, _HI = 120, 0.001, 86400.0
+MINUTE_SLOTS, HOUR_SLOTS = 64, 32  # the rings of skiplock_minute_stats / skiplock_hour_stats
 
 
 @dataclass
 class Rollup:
-    """One pass over the jobs that finished since a moment (the finished_at index), three groupings."""
+    """What finished since a moment, from the rollup rows `skiplock_count_ends` writes when jobs end."""
 
     by_bucket: dict[dt.datetime, tuple[int, int, int]]  # start → (succeeded, failed, cancelled+aborted)
     by_state: dict[str, int]
@@ -147,44 +150,56 @@ class Rollup:
     durations: dict[str, dict[str, Any]]  # task → {"count", "bins": {bin: n}, "max"}
 
 
-def rollup(*, since: dt.datetime, bucket: str) -> Rollup:
-    assert bucket in ("minute", "hour")
-    rows = _rows(
-        f"""
-        SELECT GROUPING(b, queue_name, task_name, bin) AS g, b, state, queue_name, task_name, bin, count(*), max(secs)
-        FROM (
-            SELECT date_trunc('{bucket}', r.finished_at) AS b, j.status::text AS state, j.queue_name, j.task_name,
-                   extract(epoch FROM r.finished_at - r.started_at)::float8 AS secs,
-                   CASE WHEN j.status = 'succeeded' AND r.started_at IS NOT NULL THEN
-                        width_bucket(ln(greatest(extract(epoch FROM r.finished_at - r.started_at)::float8, %s)),
-                                     ln(%s), ln(%s), %s) END AS bin
-            FROM skiplock_job r
-            -- one primary-key probe per finished job (OFFSET 0 keeps the planner from hashing the queue table)
-            CROSS JOIN LATERAL (SELECT q.status, q.queue_name, q.task_name FROM procrastinate_jobs q
-                                WHERE q.id = r.job_id OFFSET 0) AS j
-            WHERE r.finished_at >= %s AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
-        ) AS w
-        GROUP BY GROUPING SETS ((b, state), (queue_name, state), (task_name, state, bin))
-        """,
-        [_LO, _LO, _HI, _BINS, since],
-    )
-    by_bucket: dict[dt.datetime, list[int]] = {}
-    by_state = {s.value: 0 for s in State if s in FINAL_STATES}
+def _empty_rollup() -> tuple[dict[dt.datetime, list[int]], dict[str, int]]:
+    return {}, {s.value: 0 for s in State if s in FINAL_STATES}
+
+
+def _add(by_bucket: dict[dt.datetime, list[int]], by_state: dict[str, int], moment: dt.datetime, state: str,
+         n: int) -> None:
+    counts = by_bucket.setdefault(moment, [0, 0, 0])
+    counts[0 if state == State.SUCCEEDED else 1 if state == State.FAILED else 2] += n
+    if state in by_state:
+        by_state[state] += n
+
+
+def minute_rollup(*, since: dt.datetime) -> Rollup:
+    """Jobs that finished per minute and state since `since` (at most the ring's 64 minutes back)."""
+    by_bucket, by_state = _empty_rollup()
+    for minute, state, n in _rows(
+        "SELECT minute, state, sum(count)::bigint FROM skiplock_minute_stats WHERE minute >= %s GROUP BY 1, 2",
+        [since],
+    ):
+        _add(by_bucket, by_state, minute, state, int(n))
+    return Rollup(by_bucket={b: (c[0], c[1], c[2]) for b, c in by_bucket.items()}, by_state=by_state,
+                  by_queue={}, durations={})
+
+
+def hour_rollup(*, since: dt.datetime) -> Rollup:
+    """Jobs that finished per hour since `since` (at most the ring's 32 hours back): by state, by
+    queue, and the duration bins of the succeeded ones per task."""
+    by_bucket, by_state = _empty_rollup()
     by_queue: dict[str, list[int]] = {}
     durations: dict[str, dict[str, Any]] = {}
-    for _g, b, state, queue, task, bin_, n, top in rows:
-        if b is not None:
-            counts = by_bucket.setdefault(b, [0, 0, 0])
-            counts[0 if state == State.SUCCEEDED else 1 if state == State.FAILED else 2] += n
-            if state in by_state:
-                by_state[state] += n
+    # Summed in SQL, three groupings in one pass: a row per hour and state, per queue and state, per
+    # task and duration bin (a few hundred rows, where the ring holds thousands).
+    for hour, queue, task, state, bin_, n, top in _rows(
+        """
+        SELECT hour, queue_name, task_name, state, bin, sum(count)::bigint, max(max_seconds)
+        FROM skiplock_hour_stats WHERE hour >= %s
+        GROUP BY GROUPING SETS ((hour, state), (queue_name, state), (task_name, state, bin))
+        """,
+        [since],
+    ):
+        n = int(n)
+        if hour is not None:
+            _add(by_bucket, by_state, hour, state, n)
         elif queue is not None:
             pair = by_queue.setdefault(queue, [0, 0])
             if state == State.SUCCEEDED:
                 pair[0] += n
             elif state == State.FAILED:
                 pair[1] += n
-        elif task is not None and state == State.SUCCEEDED and bin_ is not None:
+        elif task is not None and state == State.SUCCEEDED and bin_ >= 0:
             entry = durations.setdefault(task, {"count": 0, "bins": {}, "max": 0.0})
             entry["count"] += n
             entry["bins"][int(bin_)] = entry["bins"].get(int(bin_), 0) + n
@@ -195,6 +210,11 @@ def rollup(*, since: dt.datetime, bucket: str) -> Rollup:
         by_queue={q: (c[0], c[1]) for q, c in by_queue.items()},
         durations=durations,
     )
+
+
+def rollup(*, since: dt.datetime, bucket: str) -> Rollup:
+    assert bucket in ("minute", "hour")
+    return minute_rollup(since=since) if bucket == "minute" else hour_rollup(since=since)
 
 
 def _bin_edge(index: float) -> float:
@@ -230,15 +250,21 @@ def duration_percentiles(rolled: Rollup) -> list[dict[str, Any]]:
 
 def queue_summary(*, finished: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
     """Per queue: waiting (runnable now), scheduled, running, and succeeded/failed in the window."""
+    # Counted on the queue's status indexes; the oldest waiting job of a queue is its lowest id (ids
+    # grow with time), whose creation time is one primary-key probe, not a join of the whole backlog.
     active = _rows(
         """
-        SELECT j.queue_name,
-               count(*) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())),
-               count(*) FILTER (WHERE j.status = 'todo' AND j.scheduled_at > now()),
-               count(*) FILTER (WHERE j.status = 'doing'),
-               min(r.created_at) FILTER (WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
-        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
-        WHERE j.status IN ('todo', 'doing') GROUP BY j.queue_name
+        WITH active AS (
+            SELECT queue_name,
+                   count(*) FILTER (WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())) AS waiting,
+                   count(*) FILTER (WHERE status = 'todo' AND scheduled_at > now()) AS scheduled,
+                   count(*) FILTER (WHERE status = 'doing') AS running,
+                   min(id) FILTER (WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())) AS first_id
+            FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY queue_name
+        )
+        SELECT a.queue_name, a.waiting, a.scheduled, a.running,
+               (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = a.first_id)
+        FROM active a
         """,
     )
     queues: dict[str, dict[str, Any]] = {}
@@ -293,11 +319,20 @@ def estimated_state_counts(total: int) -> dict[str, int]:
 
 def oldest_waiting() -> dict[str, Any] | None:
     """The runnable job that has waited longest (the head of the line is what users feel)."""
+    # Two candidates, neither a join of the backlog: the lowest-id job waiting since its creation
+    # (ids grow with time; its side row by primary key), and the job runnable since the earliest
+    # scheduled time (a retry or a delayed start).
     rows = _rows(
         """
-        SELECT j.id, j.task_name, j.queue_name, COALESCE(j.scheduled_at, r.created_at) AS since
-        FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
-        WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+        SELECT * FROM (
+            (SELECT j.id, j.task_name, j.queue_name,
+                    (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = j.id) AS since
+             FROM procrastinate_jobs j WHERE j.status = 'todo' AND j.scheduled_at IS NULL ORDER BY j.id LIMIT 1)
+            UNION ALL
+            (SELECT j.id, j.task_name, j.queue_name, j.scheduled_at
+             FROM procrastinate_jobs j WHERE j.status = 'todo' AND j.scheduled_at <= now()
+             ORDER BY j.scheduled_at LIMIT 1)
+        ) AS candidates
         ORDER BY since NULLS LAST LIMIT 1
         """
     )
@@ -332,28 +367,9 @@ def live_worker_count() -> int:
     return int(rows[0][0])
 
 
-# The 24-hour rollup is the one scan that grows with traffic (tens of thousands of rows a day at a
-# million jobs a month); it is kept for DAY_CACHE_SECONDS per process, so a dashboard refreshing
-# every 15 s (or several operators) pays for it twice a minute at most. The last hour, the alerts
-# and the active counts are always fresh.
-DAY_CACHE_SECONDS = 30.0
-_day_cache: dict[str, tuple[dt.datetime, float, Rollup]] = {}
-
-
 def day_rollup(*, now: dt.datetime) -> Rollup:
-    import time
-
-    since = (now - dt.timedelta(hours=24)).replace(minute=0, second=0, microsecond=0)
-    cached = _day_cache.get("day")
-    if cached and cached[0] == since and time.monotonic() - cached[1] < DAY_CACHE_SECONDS:
-        return cached[2]
-    rolled = rollup(since=since, bucket="hour")
-    _day_cache["day"] = (since, time.monotonic(), rolled)
-    return rolled
-
-
-def clear_cache() -> None:
-    _day_cache.clear()
+    """The last 24 hours (from the start of the hour 24 hours ago), by hour."""
+    return hour_rollup(since=(now - dt.timedelta(hours=24)).replace(minute=0, second=0, microsecond=0))
 
 
 def dashboard(*, now: dt.datetime | None = None) -> Dashboard:

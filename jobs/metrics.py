@@ -28,7 +28,7 @@ from jobs.states import State
 logger = logging.getLogger(__name__)
 
 # Seconds; job durations span milliseconds (no-op) to an hour (the default soft limit).
-# Keep in step with skiplock_count_ends (migration 0010), which fills the buckets.
+# Keep in step with skiplock_count_ends (migrations 0010 and 0012), which fills the buckets.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 # Label sets stay bounded whatever names jobs bring: the registry's queues and tasks, plus the
 # busiest others up to this many, the rest summed under "other".
@@ -42,12 +42,22 @@ FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY 1, 2
 """
 # Jobs that reached a final state: counters kept by the writers (skiplock_count_ends), never lowered.
 _FINAL_BY_STATE = "SELECT queue_name, state, sum(count)::bigint FROM skiplock_queue_stats GROUP BY 1, 2"
+# Runnable jobs per queue on the status index, and how long the head of each queue has waited: the
+# earlier of the lowest-id job waiting since its creation (ids grow with time; one primary-key probe
+# of its side row) and the earliest scheduled time that has passed (a retry, a delayed start) —
+# no join of the backlog with the side rows.
 _WAITING = """
-SELECT j.queue_name, count(*),
-       COALESCE(EXTRACT(EPOCH FROM now() - min(GREATEST(r.created_at, COALESCE(j.scheduled_at, r.created_at)))), 0)
-FROM procrastinate_jobs j LEFT JOIN skiplock_job r ON r.job_id = j.id
-WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
-GROUP BY 1
+WITH waiting AS (
+    SELECT queue_name, count(*) AS n, min(id) FILTER (WHERE scheduled_at IS NULL) AS first_id,
+           min(scheduled_at) AS first_scheduled
+    FROM procrastinate_jobs
+    WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())
+    GROUP BY queue_name
+)
+SELECT w.queue_name, w.n,
+       COALESCE(EXTRACT(EPOCH FROM now() - LEAST(
+           (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = w.first_id), w.first_scheduled)), 0)
+FROM waiting w
 """
 _ATTEMPTS = "SELECT task_name, outcome, count, seconds_sum, buckets FROM skiplock_task_stats"
 _WORKERS = """

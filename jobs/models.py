@@ -53,10 +53,14 @@ class JobSide(models.Model):
     class Meta:
         db_table = "skiplock_job"
         verbose_name = "job side row"
+        # Partial where the column is often NULL (migration 0012): a job without an owner, or not
+        # finished yet, writes no entry there (every filter on them names a value).
         indexes = [
             models.Index(fields=["created_at"], name="skiplock_job_created_idx"),
-            models.Index(fields=["finished_at"], name="skiplock_job_finished_idx"),
-            models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx"),
+            models.Index(fields=["finished_at"], name="skiplock_job_finished_idx",
+                         condition=models.Q(finished_at__isnull=False)),
+            models.Index(fields=["owner", "-job_id"], name="skiplock_job_owner_idx",
+                         condition=models.Q(owner__isnull=False)),
         ]
         constraints = [
             models.UniqueConstraint(  # per starter (issue 13 item 4), was global
@@ -218,6 +222,48 @@ class QueueStat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue_name} {self.state}: {self.count}"
+
+
+class MinuteStat(models.Model):
+    """Jobs that reached a final state per minute, for the dashboard's last hour (a ring of
+    MINUTE_SLOTS minutes: a slot is reset when a newer minute reuses it, so nothing needs pruning).
+
+    Written by `skiplock_count_ends` in the statement that ends the jobs (migration 0012)."""
+
+    pk = models.CompositePrimaryKey("slot", "state", "shard")
+    slot = models.SmallIntegerField()
+    state = models.CharField(max_length=16)
+    shard = models.SmallIntegerField()
+    minute = models.DateTimeField()
+    count = models.BigIntegerField()
+
+    class Meta:
+        db_table = "skiplock_minute_stats"
+
+    def __str__(self) -> str:
+        return f"{self.minute:%H:%M} {self.state}: {self.count}"
+
+
+class HourStat(models.Model):
+    """Jobs that reached a final state per hour, task, queue and (succeeded ones) duration bin, for the
+    dashboard's last 24 hours (a ring of HOUR_SLOTS hours, reset on reuse like MinuteStat)."""
+
+    pk = models.CompositePrimaryKey("slot", "task_name", "queue_name", "state", "bin", "shard")
+    slot = models.SmallIntegerField()
+    task_name = models.CharField(max_length=128)
+    queue_name = models.CharField(max_length=128)
+    state = models.CharField(max_length=16)
+    bin = models.SmallIntegerField()  # log-scale duration bin of a succeeded job; -1 for the others
+    shard = models.SmallIntegerField()
+    hour = models.DateTimeField()
+    count = models.BigIntegerField()
+    max_seconds = models.FloatField(null=True)
+
+    class Meta:
+        db_table = "skiplock_hour_stats"
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.task_name} {self.state}: {self.count}"
 
 
 class Listener(models.Model):

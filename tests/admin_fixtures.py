@@ -48,6 +48,12 @@ def insert_jobs(count: int, *, task: str = "deploy_stack", queue: str = "default
             )
             cursor.execute("UPDATE skiplock_job SET started_at = now(), finished_at = now() WHERE job_id = ANY(%s)",
                            [ids])
+            cursor.execute(  # counted as the writers count what they end (the counters and the dashboard's rollups)
+                "SELECT skiplock_count_ends(array_fill(%s::text, ARRAY[%s]), array_fill(%s::text, ARRAY[%s]), "
+                "array_fill(%s::text, ARRAY[%s]), array_fill(%s::text, ARRAY[%s]), array_fill(0.0::float8, ARRAY[%s]))",
+                [task, count, queue, count, status if status != "cancelled" else None, count, status, count,
+                 count],
+            )
     return ids
 
 

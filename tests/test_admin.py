@@ -26,10 +26,7 @@ PAGES = [LIST, "/admin/jobs/dashboard/", "/admin/jobs/workerinfo/", "/admin/jobs
 
 @pytest.fixture(autouse=True)
 def _urls(settings: object) -> None:
-    from jobs import dashboard
-
     settings.ROOT_URLCONF = console_urlconf()  # type: ignore[attr-defined]
-    dashboard.clear_cache()  # each test sees its own jobs in the 24-hour figures
 
 
 def client_for(user: object) -> Client:
@@ -387,20 +384,89 @@ def test_filter_facet_counts_are_never_computed(admin_client: Client) -> None:
     assert not [q for q in queries if "COUNT(" in q["sql"].upper() and "LIMIT" not in q["sql"].upper()]
 
 
-def test_the_24_hour_rollup_is_reused_for_a_while(db: None) -> None:
+@pytest.mark.django_db(transaction=True)
+def test_the_dashboard_counts_what_finished_from_rollup_rows_written_as_jobs_end() -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import dashboard
+    from jobs.testing import run_jobs
+
+    failed_deploy_job()
+    services.job_defer(task_name="optimize_route", args={"points": 5})
+    run_jobs()
+    with CaptureQueriesContext(connection) as queries:
+        board = dashboard.dashboard()
+    assert board.finished_by_state == {"succeeded": 1, "failed": 1, "cancelled": 0, "aborted": 0}
+    assert sum(b["succeeded"] for b in board.per_minute) == 1
+    assert sum(b["failed"] for b in board.per_hour) == 1
+    assert board.failure_rate_hour == 0.5
+    queues = {row["queue"]: row for row in board.by_queue}
+    assert (queues["default"]["failed"], queues["cpu"]["succeeded"]) == (1, 1)
+    assert [(p["task"], p["count"]) for p in board.percentiles] == [("optimize_route", 1)]
+    assert 0 < board.percentiles[0]["p50"] <= board.percentiles[0]["max"]
+    # The time windows never walk the job table: no query reads when jobs finished.
+    assert not [q["sql"] for q in queries if "finished_at" in q["sql"]]
+
+    services.job_cancel(job_id=services.job_defer(task_name="optimize_route", args={"points": 3}).job_id)
+    assert dashboard.dashboard().finished_by_state["cancelled"] == 1  # fresh on the next view, no cache
+
+
+@pytest.mark.parametrize(("table", "unit", "slots"), [("skiplock_minute_stats", "minute", 64),
+                                                     ("skiplock_hour_stats", "hour", 32)])
+def test_a_rollup_slot_starts_over_for_a_newer_period_and_ignores_an_older_one(
+    db: None, table: str, unit: str, slots: int
+) -> None:
+    from django.db import connection
+
+    columns = "slot, state, shard" if unit == "minute" else "slot, task_name, queue_name, state, bin, shard"
+    values = "%(slot)s, 'failed', %(shard)s" if unit == "minute" else "%(slot)s, 't', 'q', 'failed', -1, %(shard)s"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT (floor(extract(epoch FROM now()) / %s)::bigint %% %s)::int, pg_backend_pid() %% 4",
+                       [60 if unit == "minute" else 3600, slots])
+        slot, shard = cursor.fetchone()
+        count_one = ("SELECT skiplock_count_ends(ARRAY['t'], ARRAY['q'], ARRAY['failed'], ARRAY['failed'], "
+                     "ARRAY[1.0::float8])")
+        # A row a whole ring ago in the same slot: the new period replaces it.
+        cursor.execute(f"INSERT INTO {table} ({columns}, {unit}, count) VALUES ({values}, "
+                       f"date_trunc('{unit}', now()) - interval '{slots} {unit}s', 41)", {"slot": slot, "shard": shard})
+        cursor.execute(count_one)
+        cursor.execute(f"SELECT count, {unit} = date_trunc('{unit}', now()) FROM {table} WHERE slot = %s", [slot])
+        assert cursor.fetchall() == [(1, True)]
+        # A newer period already in the slot (a transaction that began before the boundary commits
+        # after it): the late count leaves it alone.
+        cursor.execute(f"UPDATE {table} SET {unit} = {unit} + interval '1 {unit}', count = 7 WHERE slot = %s", [slot])
+        cursor.execute(count_one)
+        cursor.execute(f"SELECT count FROM {table} WHERE slot = %s", [slot])
+        assert cursor.fetchall() == [(7,)]
+
+
+def test_the_dashboard_queries_walk_indexes_at_scale(db: None) -> None:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     from jobs import dashboard
 
-    insert_jobs(2, status="succeeded")
-    with CaptureQueriesContext(connection) as first:
-        board = dashboard.dashboard()
-    with CaptureQueriesContext(connection) as second:
-        again = dashboard.dashboard()
-    assert len(second) == len(first) - 1
-    assert again.finished_by_state == board.finished_by_state
-    assert board.finished_by_state["succeeded"] == 2
+    insert_jobs(3, status="succeeded")
+    insert_jobs(2)
+    insert_jobs(1, status="doing")
+    with CaptureQueriesContext(connection) as queries:
+        dashboard.dashboard()
+    with connection.cursor() as cursor:
+        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
+        try:
+            for query in queries:
+                if "procrastinate_jobs" not in query["sql"] and "skiplock_job" not in query["sql"]:
+                    continue
+                cursor.execute("EXPLAIN " + query["sql"])
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                for table in ("procrastinate_jobs", "skiplock_job ", "skiplock_job_attempt", "procrastinate_events"):
+                    assert f"Seq Scan on {table}" not in plan + " ", (query["sql"], plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
+            cursor.execute("RESET enable_bitmapscan")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -425,3 +491,34 @@ def test_the_periodic_page_shows_each_schedule_with_its_last_run() -> None:
     page = client.get("/admin/jobs/periodic/").content.decode()
     assert f'href="/admin/jobs/jobrecord/{job_id}/change/"' in page
     assert ">Succeeded</span>" in page
+
+
+@pytest.mark.parametrize("query", [
+    {}, {"state": "failed"}, {"state": "retrying"}, {"task": "index_document"}, {"queue": "emails", "state": "failed"},
+    {"finished": "1h"}, {"finished": "7d", "state": "failed"}, {"created": "24h"}, {"q": "1"}, {"q": "optimize_route"},
+    {"p": "2"},
+])
+def test_every_job_list_filter_walks_an_index_at_scale(admin_client: Client, query: dict[str, str]) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    insert_jobs(3, status="failed", queue="emails", task="index_document")
+    insert_jobs(2)
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.get(LIST, query).status_code == 200
+    reads = [q["sql"] for q in queries if ("procrastinate_jobs" in q["sql"] or "skiplock_job" in q["sql"])
+             and q["sql"].lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert reads
+    with connection.cursor() as cursor:
+        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
+        try:
+            for sql in reads:
+                cursor.execute("EXPLAIN " + sql)
+                plan = "\n".join(row[0] for row in cursor.fetchall()) + "\n"
+                for table in ("procrastinate_jobs", "skiplock_job", "skiplock_job_attempt", "procrastinate_events"):
+                    assert f"Seq Scan on {table} " not in plan, (sql, plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
+            cursor.execute("RESET enable_bitmapscan")

@@ -108,9 +108,6 @@ def test_an_operator_finds_a_failed_job_retries_it_and_watches_a_job_run(asgi_se
         page.wait_for_selector("#sl-state [data-state=succeeded]", timeout=20_000)
 
     # The dashboard and its charts, in light and dark, wide and narrow.
-    from jobs import dashboard
-
-    dashboard.clear_cache()
     page.goto(f"{asgi_server}/admin/jobs/dashboard/?refresh=0")
     charts = page.locator("svg.sl-chart")
     assert charts.count() == 2

@@ -15,10 +15,7 @@ LIST = "/admin/jobs/jobrecord/"
 
 @pytest.fixture(autouse=True)
 def _urls(settings: object) -> None:
-    from jobs import dashboard
-
     settings.ROOT_URLCONF = console_urlconf()  # type: ignore[attr-defined]
-    dashboard.clear_cache()
 
 
 @pytest.fixture

@@ -226,3 +226,53 @@ def test_apikey_command_creates_lists_and_revokes() -> None:
 
     with pytest.raises(CommandError, match="scopes must be"):
         call_command("apikey", "create", "--name", "x", "--scopes", "admin", stdout=io.StringIO())
+
+
+def test_a_metrics_scrape_walks_indexes_never_a_whole_job_table() -> None:
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.metrics import DatabaseCollector
+    from jobs.services import job_defer
+
+    job_defer(task_name="optimize_route", args={"points": 10})
+    with CaptureQueriesContext(connection) as queries:
+        names = {family.name for family in DatabaseCollector().collect()}
+    assert "skiplock_jobs" in names
+    reads = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert reads
+    with connection.cursor() as cursor:
+        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
+        try:
+            for sql in reads:
+                cursor.execute("EXPLAIN " + sql)
+                plan = "\n".join(row[0] for row in cursor.fetchall()) + "\n"
+                for table in ("procrastinate_jobs", "procrastinate_events", "skiplock_job", "skiplock_job_attempt"):
+                    assert f"Seq Scan on {table} " not in plan, (sql, plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
+            cursor.execute("RESET enable_bitmapscan")
+
+
+def test_the_oldest_waiting_age_is_how_long_the_head_of_the_queue_has_waited() -> None:
+    from jobs.metrics import DatabaseCollector
+    from jobs.services import job_defer
+
+    def oldest(queue: str) -> float:
+        families = {family.name: family for family in DatabaseCollector().collect()}
+        return next(s.value for s in families["skiplock_oldest_waiting_job_age_seconds"].samples
+                    if s.labels["queue"] == queue)
+
+    first = job_defer(task_name="optimize_route", args={"points": 10}, queue="cpu").job_id
+    job_defer(task_name="optimize_route", args={"points": 11}, queue="cpu")
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE skiplock_job SET created_at = now() - interval '1 hour' WHERE job_id = %s", [first])
+    assert 3600 <= oldest("cpu") < 3700
+    # A retry (created three hours ago) runnable again since two hours ago has waited two hours.
+    retry = job_defer(task_name="optimize_route", args={"points": 12}, queue="cpu").job_id
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE skiplock_job SET created_at = now() - interval '3 hours' WHERE job_id = %s", [retry])
+        cursor.execute("UPDATE procrastinate_jobs SET attempts = 1, scheduled_at = now() - interval '2 hours' "
+                       "WHERE id = %s", [retry])
+    assert 7200 <= oldest("cpu") < 7300
