@@ -39,7 +39,7 @@ ALTER TABLE skiplock_job DROP COLUMN custom_state, DROP COLUMN custom_state_atte
 
 
 class Migration(migrations.Migration):
-    dependencies = [("jobs", "0011_lean_indexes")]
+    dependencies = [("jobs", "0012_dashboard_rollups")]
 
     operations = [
         migrations.SeparateDatabaseAndState(
