@@ -127,10 +127,10 @@ def cleans_up():
     return "ran to the end"
 
 
-@shared_task(soft_time_limit=0.2, time_limit=0.6)
-def stubborn():
-    """Swallows every Exception in its loop: the soft limit, and would swallow an ordinary hard one."""
-    deadline = time.monotonic() + 20
+def swallow_every_exception(seconds: float = 20) -> str:
+    """A loop that swallows every Exception, as such tasks do: the soft limit, and would swallow
+    an ordinary hard one."""
+    deadline = time.monotonic() + seconds
     swallowed = 0
     while time.monotonic() < deadline:
         try:
@@ -138,3 +138,9 @@ def stubborn():
         except Exception:  # what such tasks do
             swallowed += 1
     return f"ran to the end ({swallowed} swallowed)"
+
+
+@shared_task(soft_time_limit=0.2, time_limit=0.6)
+def stubborn():
+    """Swallows every Exception in its loop."""
+    return swallow_every_exception()

@@ -19,6 +19,7 @@ from tests.admin_fixtures import (
     insert_jobs,
     make_user,
 )
+from tests.plans import assert_no_seq_scan_of_job_tables
 
 LIST = "/admin/jobs/jobrecord/"
 PAGES = [LIST, "/admin/jobs/dashboard/", "/admin/jobs/workerinfo/", "/admin/jobs/periodic/", "/admin/jobs/apikey/"]
@@ -452,21 +453,9 @@ def test_the_dashboard_queries_walk_indexes_at_scale(db: None) -> None:
     insert_jobs(1, status="doing")
     with CaptureQueriesContext(connection) as queries:
         dashboard.dashboard()
-    with connection.cursor() as cursor:
-        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
-        cursor.execute("SET enable_seqscan = off")
-        cursor.execute("SET enable_bitmapscan = off")
-        try:
-            for query in queries:
-                if "procrastinate_jobs" not in query["sql"] and "skiplock_job" not in query["sql"]:
-                    continue
-                cursor.execute("EXPLAIN " + query["sql"])
-                plan = "\n".join(row[0] for row in cursor.fetchall())
-                for table in ("procrastinate_jobs", "skiplock_job ", "skiplock_job_attempt", "procrastinate_events"):
-                    assert f"Seq Scan on {table}" not in plan + " ", (query["sql"], plan)
-        finally:
-            cursor.execute("RESET enable_seqscan")
-            cursor.execute("RESET enable_bitmapscan")
+    assert_no_seq_scan_of_job_tables(
+        q["sql"] for q in queries if "procrastinate_jobs" in q["sql"] or "skiplock_job" in q["sql"]
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -509,16 +498,4 @@ def test_every_job_list_filter_walks_an_index_at_scale(admin_client: Client, que
     reads = [q["sql"] for q in queries if ("procrastinate_jobs" in q["sql"] or "skiplock_job" in q["sql"])
              and q["sql"].lstrip().upper().startswith(("SELECT", "WITH"))]
     assert reads
-    with connection.cursor() as cursor:
-        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
-        cursor.execute("SET enable_seqscan = off")
-        cursor.execute("SET enable_bitmapscan = off")
-        try:
-            for sql in reads:
-                cursor.execute("EXPLAIN " + sql)
-                plan = "\n".join(row[0] for row in cursor.fetchall()) + "\n"
-                for table in ("procrastinate_jobs", "skiplock_job", "skiplock_job_attempt", "procrastinate_events"):
-                    assert f"Seq Scan on {table} " not in plan, (sql, plan)
-        finally:
-            cursor.execute("RESET enable_seqscan")
-            cursor.execute("RESET enable_bitmapscan")
+    assert_no_seq_scan_of_job_tables(reads)

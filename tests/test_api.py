@@ -24,6 +24,7 @@ from tests.api_fixtures import (  # noqa: F401  (fixtures)
     login,
     make_key,
 )
+from tests.plans import plans_at_scale
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("clean_queue")]
 
@@ -265,18 +266,12 @@ def test_listing_filters_and_pages_by_cursor(client: httpx.Client) -> None:
 def test_the_job_list_query_uses_its_index() -> None:
     from jobs.api import JobFilters, jobs_page
 
-    with connection.cursor() as cursor:
-        # Tiny test table: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
-        cursor.execute("SET enable_seqscan = off")
-        cursor.execute("SET enable_bitmapscan = off")
+    with plans_at_scale() as explain:
         for filters in (JobFilters(task="deploy_stack"), JobFilters(queue="cpu"),
                         JobFilters(state=[State.FAILED]), JobFilters(display_state=[DisplayState.FAILED])):
-            cursor.execute("EXPLAIN " + _list_sql(filters))
-            plan = "\n".join(row[0] for row in cursor.fetchall())
+            plan = explain(_list_sql(filters))
             assert "Index" in plan, plan
             assert "Sort" not in plan, plan
-        cursor.execute("RESET enable_seqscan")
-        cursor.execute("RESET enable_bitmapscan")
     assert jobs_page(JobFilters(), owner_id=None) == ([], None)
 
 

@@ -18,6 +18,7 @@ from jobs.apikeys import apikey_verify
 from jobs.models import ApiKey
 from jobs.testing import run_jobs
 from tests.api_fixtures import FAST_DEPLOY, WorkerThread, bearer, clean_queue, make_key, wait_for  # noqa: F401
+from tests.plans import assert_no_seq_scan_of_job_tables
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("clean_queue")]
 
@@ -240,19 +241,7 @@ def test_a_metrics_scrape_walks_indexes_never_a_whole_job_table() -> None:
     assert "skiplock_jobs" in names
     reads = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith(("SELECT", "WITH"))]
     assert reads
-    with connection.cursor() as cursor:
-        # Tiny test tables: ask what the plan would be at scale (no seq scan, no bitmap heap scan).
-        cursor.execute("SET enable_seqscan = off")
-        cursor.execute("SET enable_bitmapscan = off")
-        try:
-            for sql in reads:
-                cursor.execute("EXPLAIN " + sql)
-                plan = "\n".join(row[0] for row in cursor.fetchall()) + "\n"
-                for table in ("procrastinate_jobs", "procrastinate_events", "skiplock_job", "skiplock_job_attempt"):
-                    assert f"Seq Scan on {table} " not in plan, (sql, plan)
-        finally:
-            cursor.execute("RESET enable_seqscan")
-            cursor.execute("RESET enable_bitmapscan")
+    assert_no_seq_scan_of_job_tables(reads)
 
 
 def test_the_oldest_waiting_age_is_how_long_the_head_of_the_queue_has_waited() -> None:

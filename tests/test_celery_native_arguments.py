@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from jobs import services
@@ -13,6 +11,7 @@ from jobs.models import JobRecord
 from jobs.registry import NO_RETRY, get_task, task
 from jobs.testing import run_jobs
 from tests import core_fixtures
+from tests.celery_tasks import swallow_every_exception
 
 pytestmark = pytest.mark.django_db(transaction=True)
 clean_queue = core_fixtures.clean_queue
@@ -27,14 +26,7 @@ def scale(ctx: JobContext, factor: int, /, *values: float, rounding: int = 2, **
 @task(name="tests.native.stubborn", queue="native-args", retry=NO_RETRY, soft_time_limit=0.2, hard_time_limit=0.6)
 def stubborn() -> str:
     """A native task that swallows every Exception in its loop."""
-    deadline = time.monotonic() + 20
-    swallowed = 0
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.01)
-        except Exception:  # what such tasks do
-            swallowed += 1
-    return f"ran to the end ({swallowed} swallowed)"
+    return swallow_every_exception()
 
 
 @task(name="tests.native.keywords", queue="native-args")
