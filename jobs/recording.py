@@ -24,6 +24,7 @@ from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as procrastinate_jobs
 
 from jobs.exceptions import JobAborted, ResultNotSerializable, TimeLimitExceeded
+from jobs.reconnect import is_connection_error
 from jobs.registry import RetryPolicy
 
 logger = logging.getLogger("jobs.worker")
@@ -156,6 +157,9 @@ def _log(ending: Ending, exc: BaseException) -> None:
                        _one_line(ending.error_message), wait)
     elif ending.status == "aborted":
         logger.info("%s aborted", what)
+    elif is_connection_error(exc):  # an outage is told by the worker once, not as a traceback per job
+        logger.error("%s failed with %s: %s (final; the database was unreachable)", what, ending.error_type,
+                     _one_line(ending.error_message))
     else:
         logger.error("%s failed with %s: %s (final)", what, ending.error_type, _one_line(ending.error_message),
                      exc_info=exc)

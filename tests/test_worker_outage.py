@@ -32,3 +32,30 @@ def test_an_outage_is_one_line_when_lost_one_a_minute_while_down_and_one_when_ba
                               "jobs wait until it is back, retrying")
     assert messages[1][1] == "database still unreachable after 60 s (OperationalError: connection refused)"
     assert messages[2][1] == "database reachable again after 100.0 s"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_that_fails_because_the_database_is_unreachable_logs_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from jobs.registry import NO_RETRY, task
+    from jobs.services import job_defer
+    from jobs.testing import run_jobs
+
+    @task(name="tests.outage.lost_connection", queue="outage-tests", retry=NO_RETRY)
+    def lost_connection() -> None:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    @task(name="tests.outage.broken", queue="outage-tests", retry=NO_RETRY)
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    job_defer(task_name="tests.outage.lost_connection", args={})
+    job_defer(task_name="tests.outage.broken", args={})
+    with caplog.at_level(logging.INFO, logger="jobs"):
+        assert run_jobs(queues=["outage-tests"]) == 2
+    finals = {r.getMessage().split(" (")[1].split(")")[0]: r for r in caplog.records if "(final" in r.getMessage()}
+    outage = finals["tests.outage.lost_connection"]
+    assert outage.exc_info is None  # the worker tells the outage once; each job does not add a traceback
+    assert "the database was unreachable" in outage.getMessage()
+    assert finals["tests.outage.broken"].exc_info is not None  # a bug in a task keeps its traceback
