@@ -511,9 +511,8 @@ def make_runnable_now(*, queues: Sequence[str] | None = None) -> int:
 class AttemptEnd:
     """How one attempt ends, as one row of END_ATTEMPTS.
 
-    `status` is where the job goes: succeeded, failed, aborted, `todo` (a retry at `retry_at`,
-    optionally with a new priority, queue or lock), `requeue` (back to todo without using up a
-    retry: shutdown, a lost worker) or `release` (claimed ahead, never started: back to todo, no
+    `status` is where the job goes: succeeded, failed, aborted, `todo` (a retry at `retry_at`),
+    `requeue` (back to todo without using up a retry: shutdown, a lost worker) or `release` (claimed ahead, never started: back to todo, no
     attempt row, nothing counted). The attempt is named by (job, worker, attempts as claimed): an
     attempt that is no longer that worker's changes nothing. `started_at` and `worker_name` left
     None are looked up (the start event, the worker's registration). Error fields left None keep
@@ -526,9 +525,6 @@ class AttemptEnd:
     status: str
     outcome: str
     retry_at: dt.datetime | None = None
-    priority: int | None = None
-    queue: str | None = None
-    lock: str | None = None
     result: str | None = None  # JSON text, for succeeded
     error_type: str | None = None
     error_message: str | None = None
@@ -557,11 +553,11 @@ END_ATTEMPTS = """
 WITH input AS (
     SELECT * FROM unnest(
         %(ids)s::bigint[], %(worker_ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-        %(outcomes)s::text[], %(retry_at)s::timestamptz[], %(priorities)s::int[], %(queues)s::varchar[],
-        %(locks)s::text[], %(results)s::jsonb[], %(error_types)s::text[], %(error_messages)s::text[],
+        %(outcomes)s::text[], %(retry_at)s::timestamptz[], %(results)s::jsonb[], %(error_types)s::text[],
+        %(error_messages)s::text[],
         %(tracebacks)s::text[], %(started)s::timestamptz[], %(worker_names)s::text[], %(progress)s::int[],
         %(steps)s::text[]
-    ) AS i(id, worker_id, attempts, status, outcome, retry_at, priority, queue, lock, result, error_type,
+    ) AS i(id, worker_id, attempts, status, outcome, retry_at, result, error_type,
            error_message, traceback, started_at, worker_name, progress, step)
 ),
 ended AS (
@@ -574,9 +570,6 @@ ended AS (
         worker_id = NULL,
         scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
                             ELSE j.scheduled_at END,
-        priority = CASE WHEN i.status = 'todo' THEN COALESCE(i.priority, j.priority) ELSE j.priority END,
-        queue_name = CASE WHEN i.status = 'todo' THEN COALESCE(i.queue, j.queue_name) ELSE j.queue_name END,
-        lock = CASE WHEN i.status = 'todo' THEN COALESCE(i.lock, j.lock) ELSE j.lock END,
         queueing_lock = CASE
             WHEN i.status IN ('todo', 'requeue', 'release') AND j.queueing_lock IS NOT NULL AND EXISTS (
                 SELECT 1 FROM procrastinate_jobs q
@@ -686,9 +679,6 @@ def end_attempts_params(ends: Sequence[AttemptEnd]) -> dict[str, Any]:
         "statuses": [e.status for e in ends],
         "outcomes": [e.outcome for e in ends],
         "retry_at": [e.retry_at for e in ends],
-        "priorities": [e.priority for e in ends],
-        "queues": [e.queue for e in ends],
-        "locks": [e.lock for e in ends],
         "results": [e.result for e in ends],
         "error_types": [e.error_type for e in ends],
         "error_messages": [e.error_message for e in ends],

@@ -424,7 +424,7 @@ class Worker:
         async with conn.pipeline():
             finish = None
             if batch:
-                finish = await _execute(conn, _FINISH, finish_params(
+                finish = await _execute(conn, _END_ATTEMPTS, finish_params(
                     batch, worker_id=self.worker_id, worker_name=self.name))
             claim = None
             if n > 0:
@@ -738,7 +738,7 @@ class Worker:
                                "its outcome (%s) is dropped", ending.job.id, ending.status)
 
     async def _finish(self, conn: psycopg.AsyncConnection[Any], batch: list[recording.Ending]) -> list[Any]:
-        cursor = await _execute(conn, _FINISH, finish_params(batch, worker_id=self.worker_id,
+        cursor = await _execute(conn, _END_ATTEMPTS, finish_params(batch, worker_id=self.worker_id,
                                                                       worker_name=self.name))
         return await cursor.fetchall()
 
@@ -936,7 +936,7 @@ class _Statement:
 
 
 _CLAIM = _Statement(transitions.CLAIM)
-_FINISH = _Statement(transitions.END_ATTEMPTS)
+_END_ATTEMPTS = _Statement(transitions.END_ATTEMPTS)
 _WRITE_PROGRESS = _Statement(transitions.WRITE_PROGRESS)
 _HEARTBEAT = _Statement(transitions.HEARTBEAT)
 
@@ -950,7 +950,6 @@ async def _execute(conn: psycopg.AsyncConnection[Any], statement: _Statement,
 
 def finish_params(batch: list[recording.Ending], *, worker_id: int | None, worker_name: str) -> dict[str, Any]:
     """END_ATTEMPTS' parallel arrays for a batch of this worker's endings."""
-    nothing = [None] * len(batch)
     return {
         "ids": [e.job.id for e in batch],
         "worker_ids": [worker_id] * len(batch),
@@ -958,9 +957,6 @@ def finish_params(batch: list[recording.Ending], *, worker_id: int | None, worke
         "statuses": [e.status for e in batch],
         "outcomes": [e.outcome for e in batch],
         "retry_at": [e.retry_at for e in batch],
-        "priorities": nothing,
-        "queues": nothing,
-        "locks": nothing,
         "results": [e.result for e in batch],
         "error_types": [e.error_type for e in batch],
         "error_messages": [e.error_message for e in batch],
