@@ -19,7 +19,7 @@ from typing import Any
 
 from procrastinate import exceptions as procrastinate_exceptions
 
-from jobs.exceptions import JobAborted, SoftTimeLimitExceeded
+from jobs.exceptions import Discard, JobAborted, Snooze, SoftTimeLimitExceeded
 
 _current: ContextVar[JobContext | None] = ContextVar("skiplock_job", default=None)
 
@@ -127,6 +127,14 @@ class JobContext:
     def should_abort(self) -> bool:
         """True once an abort of this job was requested (cheap: no database round trip)."""
         return self.abort_requested
+
+    def snooze(self, seconds: float) -> None:
+        """Stop this run and run the job again in `seconds`, without using up an attempt (raises Snooze)."""
+        raise Snooze(seconds)
+
+    def discard(self, reason: str = "") -> None:
+        """Stop this run and end the job `discarded` with `reason` (raises Discard); never retried."""
+        raise Discard(reason)
 
     @property
     def elapsed(self) -> float:

@@ -100,3 +100,28 @@ class JobAborted(BaseException):
 
 class JobExpired(Exception):
     """The job's expiry time passed before it ran; it was not run."""
+
+
+class Snooze(Exception):
+    """Raised by a task: "not now, run me again in `seconds`". No attempt is used up.
+
+    The job goes back to waiting with its run time `seconds` from now; its attempt history shows
+    a `snoozed` row. `JobContext.snooze(seconds)` raises it.
+    """
+
+    MAX_SECONDS = 366 * 24 * 3600
+
+    def __init__(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= self.MAX_SECONDS:
+            raise ValueError(f"Snooze takes 0 to {self.MAX_SECONDS} seconds, not {seconds!r}")
+        super().__init__(f"snoozed for {seconds:g} s")
+        self.seconds = float(seconds)
+
+
+class Discard(Exception):
+    """Raised by a task: this job has become pointless. It ends `discarded` with the reason, not
+    failed, and is never retried."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = str(reason)

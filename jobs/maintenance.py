@@ -26,14 +26,13 @@ from typing import Any
 
 from django.conf import settings
 
-from jobs import transitions
+from jobs import queues, transitions
 from jobs.registry import INTERNAL_PRIORITY, NO_RETRY, RetryPolicy, find_task, task
 
 logger = logging.getLogger(__name__)
 
 MAINTENANCE_TASK = "skiplock.maintenance"
 MAINTENANCE_QUEUE = "skiplock"
-FINAL_STATUSES = ("succeeded", "failed", "cancelled", "aborted")
 
 @dataclass
 class SweepReport:
@@ -120,11 +119,14 @@ def prune_finished_jobs(
 
 
 def run_maintenance() -> dict[str, Any]:
-    """One maintenance tick: sweep stalled jobs, then prune (bounded in time)."""
+    """One maintenance tick: sweep stalled jobs, end expired ones, then prune (bounded in time)."""
     sweep = recover_stalled_jobs()
+    expired = transitions.expire_jobs()
     prune = prune_finished_jobs(time_budget=float(settings.SKIPLOCK_PRUNE_TIME_BUDGET))
+    queues.prune_task_limits()
     return {
         "stalled": sweep.as_dict(),
+        "expired": expired,
         "pruned": prune.deleted,
         "prune_complete": prune.complete,
     }

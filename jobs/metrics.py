@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from jobs.queues import WAITING_SQL
 from jobs.registry import all_tasks, find_task
 from jobs.states import State
 
@@ -42,23 +43,6 @@ FROM procrastinate_jobs WHERE status IN ('todo', 'doing') GROUP BY 1, 2
 """
 # Jobs that reached a final state: counters kept by the writers (skiplock_count_ends), never lowered.
 _FINAL_BY_STATE = "SELECT queue_name, state, sum(count)::bigint FROM skiplock_queue_stats GROUP BY 1, 2"
-# Runnable jobs per queue on the status index, and how long the head of each queue has waited: the
-# earlier of the lowest-id job waiting since its creation (ids grow with time; one primary-key probe
-# of its side row) and the earliest scheduled time that has passed (a retry, a delayed start) —
-# no join of the backlog with the side rows.
-_WAITING = """
-WITH waiting AS (
-    SELECT queue_name, count(*) AS n, min(id) FILTER (WHERE scheduled_at IS NULL) AS first_id,
-           min(scheduled_at) AS first_scheduled
-    FROM procrastinate_jobs
-    WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())
-    GROUP BY queue_name
-)
-SELECT w.queue_name, w.n,
-       COALESCE(EXTRACT(EPOCH FROM now() - LEAST(
-           (SELECT r.created_at FROM skiplock_job r WHERE r.job_id = w.first_id), w.first_scheduled)), 0)
-FROM waiting w
-"""
 _ATTEMPTS = "SELECT task_name, outcome, count, seconds_sum, buckets FROM skiplock_task_stats"
 _WORKERS = """
 SELECT count(*) FILTER (WHERE last_heartbeat > now() - make_interval(secs => %s)), count(*)
@@ -110,7 +94,7 @@ class DatabaseCollector(Collector):
             by_state = cursor.fetchall()
             cursor.execute(_FINAL_BY_STATE)
             by_state += cursor.fetchall()
-            cursor.execute(_WAITING)
+            cursor.execute(WAITING_SQL)
             waiting = cursor.fetchall()
             cursor.execute(_ATTEMPTS)
             attempts = cursor.fetchall()

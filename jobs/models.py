@@ -49,6 +49,8 @@ class JobSide(models.Model):
     custom_state = models.CharField(max_length=64, blank=True, default="", db_default="")
     custom_state_attempt = models.IntegerField(null=True, blank=True)
     meta = models.JSONField(null=True, blank=True)
+    # A start that asked to be unique (flow control): the digest of task + chosen arguments or key.
+    unique_key = models.CharField(max_length=64, null=True, blank=True)
 
     class Meta:
         db_table = "skiplock_job"
@@ -116,6 +118,8 @@ class JobRecord(models.Model):
     )
     custom_state = models.CharField(max_length=64, blank=True, default="")  # only while its attempt runs
     meta = models.JSONField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)  # past it the job is never run (ends expired)
+    limit_key = models.TextField(null=True, blank=True)  # the task limit it waits on, if any
 
     class Meta:
         managed = False
@@ -128,7 +132,8 @@ class JobRecord(models.Model):
 
     @property
     def display_state(self) -> str:
-        return display_state(self.state, scheduled_at=self.scheduled_at, attempts=self.attempts)
+        return display_state(self.state, scheduled_at=self.scheduled_at, attempts=self.attempts,
+                             expires_at=self.expires_at)
 
     @property
     def duration(self) -> dt.timedelta | None:
@@ -160,6 +165,9 @@ class JobAttempt(models.Model):
         LOST = "lost"  # the worker died; stall recovery took the job back
         TIMED_OUT = "timed_out"
         REQUEUED = "requeued"  # the worker shut down; the job waits again, no retry used
+        SNOOZED = "snoozed"  # the task asked to run later (Snooze); no attempt used
+        DISCARDED = "discarded"  # the task dropped the job (Discard)
+        EXPIRED = "expired"  # its expiry passed before it started; not run
 
     # indexed by skiplock_attempt_job_number_uniq (job, number)
     job = models.ForeignKey(JobRecord, on_delete=models.DO_NOTHING, db_constraint=False, related_name="attempt_set",
@@ -301,6 +309,78 @@ class WorkerInfo(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class QueueControl(models.Model):
+    """How a queue is steered at run time (flow control): paused, and its limits across all workers.
+
+    A row exists once a queue was paused or limited; no row means running, unlimited. `starts` is
+    the log of recent starts of a rate-limited queue (written under the queue's claim lock).
+    """
+
+    name = models.CharField(max_length=128, primary_key=True)
+    paused = models.BooleanField(default=False, db_default=False)
+    paused_at = models.DateTimeField(null=True, blank=True)
+    changed_by = models.CharField(max_length=255, blank=True, default="", db_default="")
+    concurrency = models.IntegerField(null=True, blank=True)  # at most this many running at once
+    rate_limit = models.IntegerField(null=True, blank=True)  # at most this many starts ...
+    rate_period = models.FloatField(null=True, blank=True)  # ... in any window of this many seconds
+    starts = ArrayField(models.DateTimeField(), default=list, blank=True, db_default=[])
+    updated_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "skiplock_queue"
+        verbose_name = "queue"
+        constraints = [
+            models.CheckConstraint(condition=models.Q(concurrency__isnull=True) | models.Q(concurrency__gte=1),
+                                   name="skiplock_queue_concurrency_positive"),
+            models.CheckConstraint(
+                condition=(models.Q(rate_limit__isnull=True, rate_period__isnull=True)
+                           | models.Q(rate_limit__gte=1, rate_period__gt=0)),
+                name="skiplock_queue_rate_complete"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TaskLimit(models.Model):
+    """A task's limit for one key (`@task(concurrency=ConcurrencyLimit(5, key="partner:{partner_id}"))`).
+
+    Written when a job of the task is started (the code declares the numbers); `key` is what the
+    task's jobs carry in `procrastinate_jobs.skiplock_limit_key`. `starts` as on QueueControl.
+    """
+
+    key = models.TextField(primary_key=True)
+    task_name = models.CharField(max_length=128)
+    concurrency = models.IntegerField(null=True, blank=True)
+    rate_limit = models.IntegerField(null=True, blank=True)
+    rate_period = models.FloatField(null=True, blank=True)
+    starts = ArrayField(models.DateTimeField(), default=list, blank=True, db_default=[])
+    updated_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "skiplock_limit"
+        verbose_name = "task limit"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class PeriodicSwitch(models.Model):
+    """A periodic schedule switched off (or back on) at run time; no row means enabled."""
+
+    key = models.CharField(max_length=255, primary_key=True)  # task name, or "task:periodic_id"
+    enabled = models.BooleanField(default=True)
+    changed_at = models.DateTimeField(db_default=Now())
+    changed_by = models.CharField(max_length=255, blank=True, default="", db_default="")
+
+    class Meta:
+        db_table = "skiplock_periodic_switch"
+        verbose_name = "periodic switch"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {'on' if self.enabled else 'off'}"
 
 
 class ApiKey(models.Model):

@@ -23,7 +23,14 @@ from typing import Any
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as procrastinate_jobs
 
-from jobs.exceptions import JobAborted, ResultNotSerializable, TimeLimitExceeded
+from jobs.exceptions import (
+    Discard,
+    JobAborted,
+    JobExpired,
+    ResultNotSerializable,
+    Snooze,
+    TimeLimitExceeded,
+)
 from jobs.reconnect import is_connection_error
 from jobs.registry import RetryPolicy
 
@@ -60,7 +67,9 @@ class Ending:
     """How one attempt ended, waiting in the worker's buffer for the next finish batch."""
 
     job: Claimed
-    status: str  # succeeded | failed | aborted | todo (retry) | requeue (back to todo, no retry used)
+    # succeeded | failed | aborted | todo (retry) | requeue (back to todo, no retry used) |
+    # snooze (back to todo at retry_at, no attempt used) | discarded | expired
+    status: str
     outcome: str  # the attempt row's outcome
     started_at: dt.datetime
     result: str | None = None  # JSON text
@@ -111,7 +120,18 @@ def failed(
     job: Claimed, started_at: dt.datetime, exc: BaseException, *, policy: RetryPolicy | None,
     procrastinate_task: Any, abort_requested: bool,
 ) -> Ending:
-    """The ending of an attempt that raised `exc`: aborted, retried by the policy, or failed."""
+    """The ending of an attempt that raised `exc`: snoozed, discarded, expired, aborted, retried by
+    the policy, or failed."""
+    if isinstance(exc, Snooze):
+        return Ending(job=job, status="snooze", outcome="snoozed", started_at=started_at,
+                      retry_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=exc.seconds))
+    if isinstance(exc, Discard | JobExpired):
+        kind = "discarded" if isinstance(exc, Discard) else "expired"
+        ending = Ending(job=job, status=kind, outcome=kind, started_at=started_at,
+                        error_type=type(exc).__name__, error_message=str(exc)[:MAX_MESSAGE_CHARS], traceback="")
+        logger.info("job %s (%s) attempt %s %s: %s", job.id, job.task_name, job.attempts + 1, kind,
+                    _one_line(ending.error_message))
+        return ending
     error_type, message, tb = _error_fields(exc)
     timed_out = isinstance(exc, TimeLimitExceeded)
     ending = Ending(job=job, status="failed", outcome="timed_out" if timed_out else "failed",

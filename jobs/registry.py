@@ -36,12 +36,15 @@ from procrastinate.contrib.django import app
 from procrastinate.jobs import Job
 
 from jobs.exceptions import (
+    Discard,
     InvalidArguments,
     JobAborted,
     JobExpired,
     ResultNotSerializable,
+    Snooze,
     TaskNotFound,
 )
+from jobs.flow import ConcurrencyLimit, RateLimit, TaskLimits, Unique
 
 DEFAULT_SOFT_TIME_LIMIT = 3600.0
 DEFAULT_HARD_TIME_LIMIT = 7200.0
@@ -166,6 +169,9 @@ class TaskSpec:
     # Store arguments exactly as given (adapters: Django tasks, Celery); native tasks store their
     # keyword arguments with the defaults filled in.
     store_as_given: bool = False
+    # Flow control (jobs.flow): limits across every worker, and what makes two starts one job.
+    limits: TaskLimits = field(default_factory=TaskLimits)
+    unique: Unique | None = None
 
     @property
     def takes_positional(self) -> bool:
@@ -389,6 +395,16 @@ class TaskSpec:
             "hard_time_limit_seconds": self.hard_time_limit,
             "lock": self.lock,
             "queueing_lock": self.queueing_lock,
+            "concurrency_limit": (
+                {"limit": self.limits.concurrency.limit, "key": self.limits.concurrency.key}
+                if self.limits.concurrency else None),
+            "rate_limit": (
+                {"limit": self.limits.rate.limit, "per_seconds": self.limits.rate.per, "key": self.limits.rate.key}
+                if self.limits.rate else None),
+            "unique": (
+                {"period_seconds": self.unique.period, "fields": list(self.unique.fields) if self.unique.fields
+                 is not None else None, "key": self.unique.key, "states": list(self.unique.states)}
+                if self.unique else None),
             "args_schema": self.json_schema(),
         }
 
@@ -481,8 +497,16 @@ def task(
     context: bool | None = None,
     require_hints: bool = True,
     store_as_given: bool = False,
+    concurrency: ConcurrencyLimit | int | None = None,
+    rate_limit: RateLimit | None = None,
+    unique: Unique | bool | None = None,
 ) -> Any:
     """Declare a Skiplock task. `lock`/`queueing_lock` are format strings over the arguments.
+
+    Flow control (jobs.flow, docs/flow-control.md): `concurrency=ConcurrencyLimit(5, key="p:{p_id}")`
+    (or a number) caps the jobs running at once across every worker, `rate_limit=RateLimit(100,
+    per=60)` the starts in any window, both per formatted key; `unique=Unique(period=3600)` (or
+    True) makes a repeated start return the job already waiting or running.
 
     `check(args)` validates what type hints cannot (one argument or another, a path inside a
     folder): it raises ValueError, and the start is refused with InvalidArguments. Constraints
@@ -509,20 +533,31 @@ def task(
                 fn, task_name, context=context, require_hints=require_hints)
         else:
             takes_context, model = False, args_model
-        for template, what in ((lock, "lock"), (queueing_lock, "queueing_lock")):
+        limits = TaskLimits(
+            concurrency=ConcurrencyLimit(concurrency) if isinstance(concurrency, int) else concurrency,
+            rate=rate_limit,
+        )
+        limits.check(task_name)
+        rule = Unique() if unique is True else (unique or None)
+        for template, what in ((lock, "lock"), (queueing_lock, "queueing_lock"),
+                               (limits.key_template, "limit key"), (rule.key if rule else None, "unique key")):
             unknown = _template_fields(template) - set(model.model_fields)
             if unknown:
                 raise ValueError(
                     f"task '{task_name}': {what} {template!r} names {', '.join(repr(u) for u in sorted(unknown))}, "
                     f"which is not an argument of the task"
                 )
+        if rule is not None and rule.fields is not None:
+            unknown_fields = set(rule.fields) - set(model.model_fields)
+            if unknown_fields:
+                raise ValueError(f"task '{task_name}': unique fields {sorted(unknown_fields)} are not arguments of the task")
         policy = retry if retry is not None else RetryPolicy()
         spec = TaskSpec(
             name=task_name, func=fn, args_model=model, queue=queue, priority=priority,
             retry=policy, soft_time_limit=float(soft_time_limit), hard_time_limit=float(hard_time_limit),
             lock=lock, queueing_lock=queueing_lock, takes_context=takes_context,
             description=inspect.getdoc(fn) or "", check=check, parameters=parameters,
-            store_as_given=store_as_given,
+            store_as_given=store_as_given, limits=limits, unique=rule,
         )
         spec.procrastinate_task = app.task(
             name=task_name, queue=queue, priority=priority, retry=policy, pass_context=False,
@@ -679,7 +714,7 @@ def _startable_names() -> str:
 from jobs.context import JobContext  # noqa: E402  (the one import for task authors)
 
 __all__ = [
-    "ARGS_KEY", "EXPIRES_KEY", "NO_RETRY", "JobContext", "RetryPolicy", "TaskSpec", "all_tasks", "get_startable_task", "get_task",
-    "startable_tasks", "task",
+    "ARGS_KEY", "EXPIRES_KEY", "NO_RETRY", "ConcurrencyLimit", "Discard", "JobContext", "RateLimit", "RetryPolicy",
+    "Snooze", "TaskSpec", "Unique", "all_tasks", "get_startable_task", "get_task", "startable_tasks", "task",
 ]
 

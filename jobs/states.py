@@ -1,8 +1,11 @@
-"""The one vocabulary of job states: procrastinate's, plus two derived display states.
+"""The one vocabulary of job states: procrastinate's and flow control's, plus derived display states.
 
-Stored states (`JobRecord.state`) mirror procrastinate's `status`; *aborting* is a running job
-whose abort was requested. Display states add *scheduled* (waiting, run time in the future)
-and *retrying* (waiting after a failed attempt). Every view of state (API, admin, pages,
+Stored states (`JobRecord.state`) mirror procrastinate's `status`, which Skiplock extends with two
+final states: *discarded* (the task dropped itself: `raise Discard(reason)`) and *expired* (its
+`expires_at` passed before it ran; it never runs). *aborting* is a running job whose abort was
+requested. Display states add *scheduled* (waiting, run time in the future), *retrying* (waiting
+after a failed attempt) and show a waiting job past its expiry as *expired* before the sweep
+moves it there. Every view of state (API, admin, pages,
 commands) draws from here; `docs/jobs.md` has the diagram.
 """
 
@@ -20,6 +23,8 @@ class State(StrEnum):
     CANCELLED = "cancelled"
     ABORTING = "aborting"
     ABORTED = "aborted"
+    DISCARDED = "discarded"
+    EXPIRED = "expired"
 
 
 class DisplayState(StrEnum):
@@ -32,9 +37,13 @@ class DisplayState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ABORTED = "aborted"
+    DISCARDED = "discarded"
+    EXPIRED = "expired"
 
 
-FINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.ABORTED})
+FINAL_STATES = frozenset({
+    State.SUCCEEDED, State.FAILED, State.CANCELLED, State.ABORTED, State.DISCARDED, State.EXPIRED,
+})
 ACTIVE_STATES = frozenset({State.TODO, State.DOING, State.ABORTING})
 
 # label, colour family (used by the admin, the pages and the CLI)
@@ -48,6 +57,8 @@ DISPLAY: dict[DisplayState, tuple[str, str]] = {
     DisplayState.FAILED: ("Failed", "red"),
     DisplayState.CANCELLED: ("Cancelled", "grey"),
     DisplayState.ABORTED: ("Aborted", "purple"),
+    DisplayState.DISCARDED: ("Discarded", "grey"),
+    DisplayState.EXPIRED: ("Expired", "grey"),
 }
 
 # Which stored state each display state refines (filters by display state query this).
@@ -61,15 +72,20 @@ STORED_STATE_OF: dict[DisplayState, State] = {
     DisplayState.FAILED: State.FAILED,
     DisplayState.CANCELLED: State.CANCELLED,
     DisplayState.ABORTED: State.ABORTED,
+    DisplayState.DISCARDED: State.DISCARDED,
+    DisplayState.EXPIRED: State.EXPIRED,
 }
 
 
 def display_state(
-    state: str, *, scheduled_at: dt.datetime | None, attempts: int, now: dt.datetime | None = None
+    state: str, *, scheduled_at: dt.datetime | None, attempts: int, now: dt.datetime | None = None,
+    expires_at: dt.datetime | None = None,
 ) -> DisplayState:
     """The state a person should see: waiting jobs are told apart by why they wait."""
     if state == State.TODO:
         now = now or dt.datetime.now(dt.UTC)
+        if expires_at is not None and expires_at <= now:
+            return DisplayState.EXPIRED  # never runs; the next maintenance tick stores it
         if scheduled_at is not None and scheduled_at > now:
             return DisplayState.RETRYING if attempts > 0 else DisplayState.SCHEDULED
         return DisplayState.RETRYING if attempts > 0 else DisplayState.TODO

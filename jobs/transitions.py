@@ -15,6 +15,7 @@ Skiplock's own, no session setting.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -32,7 +33,15 @@ from jobs.exceptions import (
     InvalidTransition,
     JobNotFound,
 )
-from jobs.registry import MAX_PRIORITY, MIN_PRIORITY, TaskSpec, get_startable_task, queue_problem
+from jobs.flow import Unique, write_task_limits
+from jobs.registry import (
+    EXPIRES_KEY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    TaskSpec,
+    get_startable_task,
+    queue_problem,
+)
 from jobs.states import FINAL_STATES, State
 
 # --- jobs: defer and the transitions people ask for ------------------------------------------------
@@ -84,6 +93,9 @@ class DeferRequest:
     idempotency_key: str | None = None
     owner_id: int | None = None
     api_key_id: int | None = None  # the API key that starts the job, if one does
+    expires_at: dt.datetime | None = None  # past it, the job is never run (ends expired)
+    expires_in: float | None = None  # seconds from now; or expires_at, not both
+    unique: Unique | None = None  # the task's own rule when None
 
     @property
     def started_by(self) -> str:
@@ -113,6 +125,11 @@ class _Prepared:
     queueing_lock: str | None
     args: dict[str, Any]
     scheduled_at: dt.datetime | None
+    expires_at: dt.datetime | None = None
+    limit_key: str | None = None
+    limit_row: dict[str, Any] | None = None  # the task's declared limits, for skiplock_limit
+    unique: Unique | None = None
+    unique_key: str | None = None
 
 
 # One statement: ids drawn once, the queue rows and their side rows inserted together.
@@ -122,16 +139,20 @@ WITH input AS MATERIALIZED (
     FROM unnest(
         %(queues)s::varchar[], %(tasks)s::varchar[], %(priorities)s::int[], %(locks)s::text[],
         %(queueing_locks)s::text[], %(args)s::jsonb[], %(scheduled_at)s::timestamptz[],
-        %(keys)s::varchar[], %(owners)s::bigint[], %(started_by)s::varchar[]
-    ) WITH ORDINALITY AS i(queue, task, priority, lock, queueing_lock, args, scheduled_at, key, owner, started_by, n)
+        %(keys)s::varchar[], %(owners)s::bigint[], %(started_by)s::varchar[], %(limit_keys)s::text[],
+        %(expires_at)s::timestamptz[], %(unique_keys)s::varchar[]
+    ) WITH ORDINALITY AS i(queue, task, priority, lock, queueing_lock, args, scheduled_at, key, owner, started_by,
+                           limit_key, expires_at, unique_key, n)
 ),
 queued AS (
-    INSERT INTO procrastinate_jobs (id, queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    SELECT id, queue, task, priority, lock, queueing_lock, args, scheduled_at FROM input ORDER BY n
+    INSERT INTO procrastinate_jobs (id, queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                    skiplock_limit_key, skiplock_expires_at)
+    SELECT id, queue, task, priority, lock, queueing_lock, args, scheduled_at, limit_key, expires_at
+    FROM input ORDER BY n
 ),
 side AS (
-    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by)
-    SELECT id, key, owner, started_by FROM input ORDER BY n
+    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by, unique_key)
+    SELECT id, key, owner, started_by, unique_key FROM input ORDER BY n
 )
 SELECT id FROM input ORDER BY n
 """
@@ -141,13 +162,15 @@ SELECT id FROM input ORDER BY n
 # server-side (`_bound_cursor`), it costs about half the client and server CPU of the array form.
 _DEFER_ONE = """
 WITH queued AS (
-    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s::jsonb, %(scheduled_at)s)
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                    skiplock_limit_key, skiplock_expires_at)
+    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s::jsonb, %(scheduled_at)s,
+            %(limit_key)s, %(expires_at)s)
     RETURNING id
 ),
 side AS (
-    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by)
-    SELECT id, %(key)s, %(owner)s, %(started_by)s FROM queued
+    INSERT INTO skiplock_job (job_id, idempotency_key, owner_id, started_by, unique_key)
+    SELECT id, %(key)s, %(owner)s, %(started_by)s, %(unique_key)s FROM queued
 )
 SELECT id FROM queued
 """
@@ -163,11 +186,15 @@ def job_defer(
     delay_seconds: float | None = None,
     idempotency_key: str | None = None,
     owner_id: int | None = None,
+    expires_at: dt.datetime | None = None,
+    expires_in: float | None = None,
+    unique: Unique | None = None,
 ) -> DeferredJob:
     """Start one job. Joins the caller's transaction; an invalid request changes nothing."""
     request = DeferRequest(
         task_name=task_name, args=args or {}, queue=queue, priority=priority, run_at=run_at,
         delay_seconds=delay_seconds, idempotency_key=idempotency_key, owner_id=owner_id,
+        expires_at=expires_at, expires_in=expires_in, unique=unique,
     )
     return job_defer_batch(requests=[request])[0]
 
@@ -179,8 +206,21 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     it is exactly one statement; with keys, one read of the keys first.
     """
     prepared = _prepare_all(requests)
+    if any(p.unique_key or p.limit_row for p in prepared):
+        # Unique starts hold their digests' locks until the caller's transaction ends.
+        with transaction.atomic():
+            return _defer_prepared(requests, prepared)
+    return _defer_prepared(requests, prepared)
+
+
+def _defer_prepared(requests: Sequence[DeferRequest], prepared: list[_Prepared]) -> list[DeferredJob]:
     existing = _existing_by_key(prepared)
-    to_insert = [p for p in prepared if _key_of(p.request) not in existing]
+    same = _existing_unique(prepared)
+    limit_rows = [p.limit_row for p in prepared if p.limit_row and _key_of(p.request) not in existing]
+    if limit_rows:
+        with connection.cursor() as cursor:
+            write_task_limits(limit_rows, cursor=cursor)
+    to_insert = [p for i, p in enumerate(prepared) if _key_of(p.request) not in existing and i not in same]
     ids: list[int] = []
     if to_insert:
         try:
@@ -197,10 +237,14 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
             return job_defer_batch(requests=requests)
     new_ids = iter(ids)
     results: list[DeferredJob] = []
-    for item in prepared:
+    for index, item in enumerate(prepared):
         key = _key_of(item.request)
         if key in existing:
             results.append(existing[key])
+            continue
+        if index in same:
+            found = same[index]
+            results.append(found if isinstance(found, DeferredJob) else dataclasses.replace(results[found], created=False))
             continue
         results.append(DeferredJob(
             job_id=next(new_ids), task_name=item.task_name, queue=item.queue, state=State.TODO,
@@ -225,6 +269,7 @@ def _insert_params(items: Sequence[_Prepared]) -> tuple[str, dict[str, Any]]:
             "queue": item.queue, "task": item.task_name, "priority": item.priority, "lock": item.lock,
             "queueing_lock": item.queueing_lock, "args": json.dumps(item.args), "scheduled_at": item.scheduled_at,
             "key": item.request.idempotency_key, "owner": item.request.owner_id, "started_by": item.request.started_by,
+            "limit_key": item.limit_key, "expires_at": item.expires_at, "unique_key": item.unique_key,
         }
     return _DEFER, {
         "queues": [p.queue for p in items],
@@ -237,6 +282,9 @@ def _insert_params(items: Sequence[_Prepared]) -> tuple[str, dict[str, Any]]:
         "keys": [p.request.idempotency_key for p in items],
         "owners": [p.request.owner_id for p in items],
         "started_by": [p.request.started_by for p in items],
+        "limit_keys": [p.limit_key for p in items],
+        "expires_at": [p.expires_at for p in items],
+        "unique_keys": [p.unique_key for p in items],
     }
 
 
@@ -307,23 +355,58 @@ def _prepare(request: DeferRequest, spec: TaskSpec) -> _Prepared:
                              "type": "value_error"})
         else:
             scheduled_at = now + dt.timedelta(seconds=delay)
+    expires_at = _expiry(request, args, now, problems)
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 255:
         problems.append({"field": "idempotency_key", "message": "must be 1 to 255 characters", "type": "value_error"})
     if isinstance(request.idempotency_key, str) and "\x00" in request.idempotency_key:
         problems.append({"field": "idempotency_key", "message": "cannot hold NUL characters", "type": "value_error"})
     try:
         lock, queueing_lock = spec.lock_for(args), spec.queueing_lock_for(args)
+        limit_key = spec.limits.key_for(spec.name, args)
+        unique = request.unique or spec.unique
+        unique_key = unique.digest(spec.name, args) if unique else None
     except (KeyError, IndexError) as exc:
         problems.append({"field": "args", "message": f"lock template needs argument {exc}", "type": "value_error"})
-        lock = queueing_lock = None
+        lock = queueing_lock = limit_key = unique_key = None
+        unique = None
     if problems:
         raise InvalidArguments(
             "; ".join(f"{p['field']}: {p['message']}" for p in problems), details=problems
         )
     return _Prepared(
         request=request, task_name=spec.name, queue=str(queue), priority=int(priority), lock=lock,
-        queueing_lock=queueing_lock, args=args, scheduled_at=scheduled_at,
+        queueing_lock=queueing_lock, args=args, scheduled_at=scheduled_at, expires_at=expires_at,
+        limit_key=limit_key, limit_row=spec.limits.row(limit_key, spec.name) if limit_key else None,
+        unique=unique, unique_key=unique_key,
     )
+
+
+def _expiry(request: DeferRequest, args: dict[str, Any], now: dt.datetime,
+            problems: list[dict[str, Any]]) -> dt.datetime | None:
+    """When the job expires: `expires_at`, `expires_in` seconds from now, or a Celery `__expires__`."""
+    if request.expires_at is not None and request.expires_in is not None:
+        problems.append({"field": "expires_at", "message": "give expires_at or expires_in, not both",
+                         "type": "value_error"})
+        return None
+    if request.expires_in is not None:
+        seconds = request.expires_in
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_DELAY_SECONDS:
+            problems.append({"field": "expires_in", "message": f"must be from 0 to {MAX_DELAY_SECONDS} seconds (a number)",
+                             "type": "value_error"})
+            return None
+        return now + dt.timedelta(seconds=seconds)
+    if request.expires_at is not None:
+        if request.expires_at.tzinfo is None:
+            problems.append({"field": "expires_at", "message": "must include a time zone (e.g. Z or +02:00)",
+                             "type": "value_error"})
+            return None
+        if request.expires_at <= now:
+            problems.append({"field": "expires_at", "message": "must be in the future", "type": "value_error"})
+            return None
+        return request.expires_at
+    if isinstance(args.get(EXPIRES_KEY), str):  # validated by the task's schema
+        return dt.datetime.fromisoformat(args[EXPIRES_KEY])
+    return None
 
 
 def _key_of(request: DeferRequest) -> tuple[str, str | None]:
@@ -356,6 +439,46 @@ def _existing_by_key(prepared: Sequence[_Prepared]) -> dict[tuple[str, str | Non
             job_id=record.job_id, task_name=record.task_name, queue=record.queue_name,
             state=record.state, scheduled_at=record.scheduled_at, created=False,
         )
+    return found
+
+
+# The newest job with a unique start's digest, in the rule's states, created within its period.
+_SAME_UNIQUE = """
+SELECT j.id, j.task_name, j.queue_name, j.status::text, j.scheduled_at
+FROM skiplock_job r JOIN procrastinate_jobs j ON j.id = r.job_id
+WHERE r.unique_key = %(key)s AND j.status::text = ANY(%(states)s)
+  AND (%(period)s::float8 IS NULL OR r.created_at > now() - make_interval(secs => %(period)s::float8))
+ORDER BY r.job_id DESC
+LIMIT 1
+"""
+
+
+def _existing_unique(prepared: Sequence[_Prepared]) -> dict[int, DeferredJob | int]:
+    """For each unique start that is a duplicate: the existing job, or the index of the same start
+    earlier in this batch. Takes each digest's transaction lock first (the caller is atomic), so a
+    concurrent start of the same job waits for this one's commit and then finds its job."""
+    keyed = sorted({p.unique_key for p in prepared if p.unique_key})
+    if not keyed:
+        return {}
+    found: dict[int, DeferredJob | int] = {}
+    first: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for key in keyed:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('skiplock.unique'), hashtext(%s))", [key])
+        for index, item in enumerate(prepared):
+            if not item.unique_key or item.unique is None:
+                continue
+            if item.unique_key in first:
+                found[index] = first[item.unique_key]
+                continue
+            cursor.execute(_SAME_UNIQUE, {"key": item.unique_key, "states": list(item.unique.states),
+                                          "period": item.unique.period})
+            row = cursor.fetchone()
+            if row is None:
+                first[item.unique_key] = index
+                continue
+            found[index] = DeferredJob(job_id=row[0], task_name=row[1], queue=row[2], state=row[3],
+                                       scheduled_at=row[4], created=False)
     return found
 
 
@@ -400,8 +523,8 @@ def job_abort(*, job_id: int) -> str:
 _RETRY = """
 WITH moved AS (
     UPDATE procrastinate_jobs j
-    SET status = 'todo', scheduled_at = now(), queueing_lock = {queueing_lock}
-    WHERE j.id = %(job_id)s AND j.status = 'failed'
+    SET status = 'todo', scheduled_at = now(), queueing_lock = {queueing_lock}, skiplock_expires_at = NULL
+    WHERE j.id = %(job_id)s AND j.status IN ('failed', 'discarded', 'expired')
     RETURNING j.*
 ),
 side AS (UPDATE skiplock_job SET finished_at = NULL WHERE job_id IN (SELECT id FROM moved))
@@ -411,7 +534,8 @@ FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
 
 
 def job_retry(*, job_id: int) -> str:
-    """Run a failed job again now (failed → todo); its attempts and errors stay in its history.
+    """Run a failed, discarded or expired job again now (→ todo, no expiry); its attempts and errors
+    stay in its history.
 
     Its attempt count is left as it is, so the retry policy grants this one attempt; a waiting job
     holding its queueing lock makes it give the key up rather than refuse the retry.
@@ -439,10 +563,95 @@ def job_run_now(*, job_id: int) -> str:
     return State.TODO
 
 
+# Change a waiting job's priority and/or run time (PATCH /api/jobs/{id}, the admin's actions).
+_CHANGE = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j
+    SET priority = COALESCE(%(priority)s, j.priority),
+        scheduled_at = CASE WHEN %(set_run_at)s THEN %(run_at)s ELSE j.scheduled_at END
+    WHERE j.id = %(job_id)s AND j.status = 'todo'
+    RETURNING j.*
+)
+SELECT j.id, skiplock_announce(jsonb_build_array({event}))
+FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
+"""
+
+_UNSET: Any = object()
+
+
+def job_change(*, job_id: int, priority: int | None = None, run_at: dt.datetime | None = _UNSET) -> str:
+    """Give a waiting job another priority and/or run time (`run_at` None: runnable now).
+
+    Only a waiting job (todo) changes; InvalidArguments for a bad value, InvalidTransition otherwise.
+    """
+    problems = []
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        problems.append({"field": "priority", "message": f"must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}",
+                         "type": "value_error"})
+    if run_at is not _UNSET and run_at is not None:
+        if run_at.tzinfo is None:
+            problems.append({"field": "run_at", "message": "must include a time zone (e.g. Z or +02:00)",
+                             "type": "value_error"})
+        elif run_at > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=MAX_DELAY_SECONDS):
+            problems.append({"field": "run_at", "message": f"must be at most {MAX_DELAY_SECONDS // 86400} days from now",
+                             "type": "value_error"})
+    if priority is None and run_at is _UNSET:
+        problems.append({"field": "priority", "message": "give priority and/or run_at", "type": "missing"})
+    if problems:
+        raise InvalidArguments("; ".join(f"{p['field']}: {p['message']}" for p in problems), details=problems)
+    params = {"job_id": job_id, "priority": priority, "set_run_at": run_at is not _UNSET,
+              "run_at": None if run_at is _UNSET else run_at}
+    if _run(_CHANGE, params) is None:
+        raise _wrong_state(job_id, "change")
+    return State.TODO
+
+
+# Waiting jobs whose expiry passed end `expired` (never run; the claim skips them meanwhile), a
+# batch at a time, counted and announced like any end.
+_EXPIRE = """
+WITH moved AS (
+    UPDATE procrastinate_jobs j SET status = 'expired'
+    WHERE j.id IN (SELECT e.id FROM procrastinate_jobs e
+                   WHERE e.status = 'todo' AND e.skiplock_expires_at <= now()
+                   ORDER BY e.skiplock_expires_at LIMIT %(batch)s
+                   FOR UPDATE SKIP LOCKED)
+    RETURNING j.*
+),
+side AS (
+    INSERT INTO skiplock_job AS r (job_id, finished_at, error_type, error_message)
+    SELECT id, now(), 'JobExpired', 'the job expired at ' || skiplock_expires_at::text || ' before it ran; it was not run'
+    FROM moved
+    ON CONFLICT (job_id) DO UPDATE SET finished_at = EXCLUDED.finished_at, error_type = EXCLUDED.error_type,
+                                       error_message = EXCLUDED.error_message
+)
+SELECT count(*),
+       (SELECT skiplock_count_ends(array_agg(task_name::text), array_agg(queue_name::text), array_agg(NULL::text),
+                                   array_agg('expired'::text), array_agg(NULL::float8)) FROM moved),
+       (SELECT skiplock_announce(jsonb_agg({event})) FROM moved j LEFT JOIN skiplock_job r ON r.job_id = j.id
+        WHERE {listened})
+FROM moved
+"""
+
+
+def expire_jobs(*, batch: int = 1000) -> int:
+    """End every waiting job past its expiry as `expired`; returns how many ended."""
+    total = 0
+    sql = _EXPIRE.replace("{event}", event_sql()).replace("{listened}", LISTENED)
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, {"batch": batch})
+            done = int(cursor.fetchone()[0])
+        total += done
+        if done < batch:
+            return total
+
+
 _DELETE = """
 WITH gone AS (
     DELETE FROM procrastinate_jobs
-    WHERE id = %(job_id)s AND status IN ('todo', 'succeeded', 'failed', 'cancelled', 'aborted')
+    WHERE id = %(job_id)s AND status IN ('todo', 'succeeded', 'failed', 'cancelled', 'aborted', 'discarded', 'expired')
     RETURNING id
 ),
 side AS (DELETE FROM skiplock_job WHERE job_id IN (SELECT id FROM gone)),
@@ -563,15 +772,16 @@ WITH input AS (
 ended AS (
     UPDATE procrastinate_jobs j
     SET status = (CASE WHEN i.status IN ('todo', 'requeue') AND j.abort_requested THEN 'failed'
-                       WHEN i.status IN ('requeue', 'release') THEN 'todo'
+                       WHEN i.status = 'snooze' AND j.abort_requested THEN 'aborted'
+                       WHEN i.status IN ('requeue', 'release', 'snooze') THEN 'todo'
                        ELSE i.status END)::procrastinate_job_status,
-        attempts = j.attempts + CASE WHEN i.status IN ('requeue', 'release') THEN 0 ELSE 1 END,
+        attempts = j.attempts + CASE WHEN i.status IN ('requeue', 'release', 'snooze') THEN 0 ELSE 1 END,
         abort_requested = i.status = 'release' AND j.abort_requested,
         worker_id = NULL,
-        scheduled_at = CASE WHEN i.status = 'todo' AND NOT j.abort_requested THEN i.retry_at
+        scheduled_at = CASE WHEN i.status IN ('todo', 'snooze') AND NOT j.abort_requested THEN i.retry_at
                             ELSE j.scheduled_at END,
         queueing_lock = CASE
-            WHEN i.status IN ('todo', 'requeue', 'release') AND j.queueing_lock IS NOT NULL AND EXISTS (
+            WHEN i.status IN ('todo', 'requeue', 'release', 'snooze') AND j.queueing_lock IS NOT NULL AND EXISTS (
                 SELECT 1 FROM procrastinate_jobs q
                 WHERE q.queueing_lock = j.queueing_lock AND q.status = 'todo' AND q.id <> j.id
             ) THEN NULL
@@ -580,12 +790,15 @@ ended AS (
     WHERE j.id = i.id AND j.status = 'doing' AND j.worker_id IS NOT DISTINCT FROM i.worker_id
       AND j.attempts = i.attempts
     RETURNING j.id, j.status::text AS state, j.attempts, j.task_name, j.queue_name, j.lock,
+              j.skiplock_limit_key AS limit_key,
               (i.status IN ('todo', 'requeue') AND j.status = 'failed') AS retry_refused
 ),
 result AS (
     SELECT e.*, i.result, i.error_type, i.error_message, i.traceback, i.progress, i.step, i.status AS asked,
-           CASE WHEN e.retry_refused AND i.outcome = 'retried' THEN 'failed' ELSE i.outcome END AS outcome,
-           e.state IN ('succeeded', 'failed', 'aborted') AS final,
+           CASE WHEN e.retry_refused AND i.outcome = 'retried' THEN 'failed'
+                WHEN i.status = 'snooze' AND e.state = 'aborted' THEN 'aborted'
+                ELSE i.outcome END AS outcome,
+           e.state IN ('succeeded', 'failed', 'aborted', 'discarded', 'expired') AS final,
            COALESCE(i.started_at, (SELECT max(ev.at) FROM procrastinate_events ev
                                    WHERE ev.job_id = e.id AND ev.type = 'started'), now()) AS started_at,
            COALESCE(i.worker_name, (SELECT w.name FROM skiplock_worker w WHERE w.worker_id = i.worker_id),
@@ -601,12 +814,12 @@ side AS (
         progress = CASE WHEN x.state = 'succeeded' THEN 100 ELSE COALESCE(x.progress, r.progress) END,
         step = COALESCE(x.step, r.step),
         progress_at = CASE WHEN x.state = 'succeeded' OR x.progress IS NOT NULL THEN now() ELSE r.progress_at END,
-        -- a requeue is no failure of the job: its error stays what the last failed attempt left
-        error_type = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+        -- a requeue or a snooze is no failure of the job: its error stays what the last failed attempt left
+        error_type = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked IN ('requeue', 'snooze') AND x.state = 'todo'
                           THEN r.error_type ELSE COALESCE(x.error_type, r.error_type) END,
-        error_message = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+        error_message = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked IN ('requeue', 'snooze') AND x.state = 'todo'
                              THEN r.error_message ELSE COALESCE(x.error_message, r.error_message) END,
-        error_traceback = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked = 'requeue' AND x.state = 'todo'
+        error_traceback = CASE WHEN x.state = 'succeeded' THEN '' WHEN x.asked IN ('requeue', 'snooze') AND x.state = 'todo'
                                THEN r.error_traceback ELSE COALESCE(x.traceback, r.error_traceback) END
     FROM result x
     WHERE r.job_id = x.id AND x.asked <> 'release'
@@ -642,6 +855,13 @@ woken AS (
     JOIN procrastinate_jobs w ON w.lock = held.lock AND w.status = 'todo'
     CROSS JOIN LATERAL (VALUES ('procrastinate_queue_v1#' || w.queue_name), ('procrastinate_any_queue_v1')) AS c(channel)
     WHERE w.scheduled_at IS NULL OR w.scheduled_at <= now()
+    UNION
+    -- a job under a limit ended: its queue's workers may claim the next one
+    SELECT c.channel
+    FROM (SELECT DISTINCT x.queue_name FROM result x
+          WHERE x.limit_key IS NOT NULL
+             OR x.queue_name IN (SELECT q.name FROM skiplock_queue q WHERE q.concurrency IS NOT NULL)) AS limited
+    CROSS JOIN LATERAL (VALUES ('procrastinate_queue_v1#' || limited.queue_name), ('procrastinate_any_queue_v1')) AS c(channel)
 ),
 wake AS (
     SELECT count(pg_notify(channel, '{"type": "job_inserted", "job_id": 0}')) AS n FROM woken
@@ -806,7 +1026,7 @@ WITH victims AS (
     SELECT j.id FROM skiplock_job r
     JOIN procrastinate_jobs j ON j.id = r.job_id
     WHERE r.finished_at < now() - make_interval(secs => %(older_than)s)
-      AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
+      AND j.status IN ('succeeded', 'failed', 'cancelled', 'aborted', 'discarded', 'expired')
     ORDER BY r.finished_at
     LIMIT %(batch)s
     FOR UPDATE OF j SKIP LOCKED
@@ -874,7 +1094,10 @@ SELECT job_id FROM job
 # id; a job with a `lock` only when it is the head of its lock: no job of that lock is `doing`, and
 # none is `todo`, due and ahead of it. One difference, on purpose (procrastinate#1599, hardening 1):
 # a same-lock job that is not due yet does not block (a retry waiting out its backoff, a job
-# scheduled for year 9999). The rule admits one head per lock per snapshot; two claimers with
+# scheduled for year 9999). Flow control (issue 15): jobs of paused queues, expired jobs and jobs
+# under a limit (a limited queue, a task limit key) are skipped — one hashed lookup of the few
+# steered queues and two column tests; the limited ones are claimed by CLAIM_LIMITED, sent right
+# after this statement in the same transaction. The rule admits one head per lock per snapshot; two claimers with
 # different snapshots may still pick two heads of one lock, and procrastinate's unique index on
 # (lock) WHERE status = 'doing' refuses the second statement: the worker claims again at once.
 CLAIM = """
@@ -884,6 +1107,10 @@ WITH candidate AS MATERIALIZED (
     WHERE j.status = 'todo'
       AND (%(queues)s::varchar[] IS NULL OR j.queue_name = ANY(%(queues)s::varchar[]))
       AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+      AND j.skiplock_limit_key IS NULL
+      AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
+      AND j.queue_name NOT IN (SELECT q.name FROM skiplock_queue q
+                               WHERE q.paused OR q.concurrency IS NOT NULL OR q.rate_limit IS NOT NULL)
       AND (j.lock IS NULL OR NOT EXISTS (
           SELECT 1 FROM procrastinate_jobs b
           WHERE b.lock = j.lock AND b.id <> j.id
@@ -913,6 +1140,18 @@ SELECT c.*, (
 ) AS announced
 FROM claimed c
 """.replace("{listened}", LISTENED)
+
+# Jobs under limits, claimed one at a time in claim order by `skiplock_claim_limited` (migration
+# 0014): each limit (a queue's, a task key's) is checked under its own transaction-level advisory
+# lock, taken with pg_try_advisory_xact_lock (a limit another claimer holds is skipped this time),
+# and counted by the statements after the lock — their snapshot sees every claim committed before
+# it was granted, so concurrent claimers never exceed a limit. Running counts come from the queue
+# table (nothing to drift); a rate limit keeps a log of start times on its row. `held` is how many
+# jobs the worker held before CLAIM ran in the same transaction, so the two take at most `n`
+# together. A row with a NULL id carries `wake_in`: seconds until a rate limit admits a start.
+CLAIM_LIMITED = """
+SELECT * FROM skiplock_claim_limited(%(worker_id)s, %(queues)s::varchar[], %(n)s, %(held)s)
+"""
 
 # The latest progress of a running attempt; nothing when the attempt is no longer this worker's.
 # The fence holds a share lock on the queue row, so an attempt ending concurrently (its finish,

@@ -181,6 +181,7 @@ class Worker:
         self._pending_since = 0.0  # loop time when the oldest unwritten ending arrived
         self._db_lock = asyncio.Lock()  # one claim/finish round trip at a time
         self._wake = _Wake()
+        self._rate_wake: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._needs_reconcile = False
@@ -426,11 +427,23 @@ class Worker:
             if batch:
                 finish = await _execute(conn, _END_ATTEMPTS, finish_params(
                     batch, worker_id=self.worker_id, worker_name=self.name))
-            claim = None
+            claim = limited = None
             if n > 0:
-                claim = await _execute(conn, _CLAIM, {"queues": self.queues, "n": n, "worker_id": self.worker_id})
+                params = {"queues": self.queues, "n": n, "worker_id": self.worker_id}
+                claim = await _execute(conn, _CLAIM, params)
+                # Jobs under limits (flow control) are claimed by their own statement, after the
+                # claim, within the same `n`: it counts what the claim took against `held`.
+                held = len(self._running) + len(self._buffer) + len(self._pending) - len(batch)
+                limited = await _execute(conn, _CLAIM_LIMITED, {**params, "held": held})
         finished = await finish.fetchall() if finish is not None else []
-        return finished, await claim.fetchall() if claim is not None else []
+        rows = await claim.fetchall() if claim is not None else []
+        if limited is not None:
+            for row in await limited.fetchall():
+                if row[0] is None:
+                    self._wake_in(row[9])
+                else:
+                    rows.append(row)
+        return finished, rows
 
     async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Requeue `doing` jobs of ours that we do not run (a claim whose answer was lost)."""
@@ -848,6 +861,16 @@ class Worker:
         self._wake.notified = True
         self._wake.event.set()
 
+    def _wake_in(self, seconds: float) -> None:
+        """Claim again once a rate limit admits another start (the claim said when)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, float(seconds))
+        if self._rate_wake is not None:
+            if loop.time() < self._rate_wake.when() <= when:
+                return  # an earlier wake-up is already due
+            self._rate_wake.cancel()
+        self._rate_wake = loop.call_at(when, self._notify)
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
@@ -936,6 +959,7 @@ class _Statement:
 
 
 _CLAIM = _Statement(transitions.CLAIM)
+_CLAIM_LIMITED = _Statement(transitions.CLAIM_LIMITED)
 _END_ATTEMPTS = _Statement(transitions.END_ATTEMPTS)
 _WRITE_PROGRESS = _Statement(transitions.WRITE_PROGRESS)
 _HEARTBEAT = _Statement(transitions.HEARTBEAT)
