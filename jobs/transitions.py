@@ -1096,8 +1096,10 @@ SELECT job_id FROM job
 # a same-lock job that is not due yet does not block (a retry waiting out its backoff, a job
 # scheduled for year 9999). Flow control (issue 15): jobs of paused queues, expired jobs and jobs
 # under a limit (a limited queue, a task limit key) are skipped — one hashed lookup of the few
-# steered queues and two column tests; the limited ones are claimed by CLAIM_LIMITED, sent right
-# after this statement in the same transaction. The rule admits one head per lock per snapshot; two claimers with
+# steered queues and two column tests; the limited ones are claimed by CLAIM_LIMITED, which the
+# worker sends right after this statement in the same transaction only while jobs wait under a
+# limit: every row says so in `limited_waiting` (two index probes), and when nothing is claimed
+# the statement answers one row with a NULL id that carries it. The rule admits one head per lock per snapshot; two claimers with
 # different snapshots may still pick two heads of one lock, and procrastinate's unique index on
 # (lock) WHERE status = 'doing' refuses the second statement: the worker claims again at once.
 CLAIM = """
@@ -1137,8 +1139,18 @@ SELECT c.*, (
     )))
     FROM claimed x LEFT JOIN skiplock_job r ON r.job_id = x.id
     WHERE {listened}
-) AS announced
-FROM claimed c
+) AS announced, g.limited_waiting
+FROM (SELECT EXISTS (
+          SELECT 1 FROM skiplock_queue q
+          WHERE NOT q.paused AND (q.concurrency IS NOT NULL OR q.rate_limit IS NOT NULL)
+            AND (%(queues)s::varchar[] IS NULL OR q.name = ANY(%(queues)s::varchar[]))
+            AND EXISTS (SELECT 1 FROM procrastinate_jobs w WHERE w.queue_name = q.name AND w.status = 'todo')
+      ) OR EXISTS (
+          SELECT 1 FROM procrastinate_jobs w
+          WHERE w.status = 'todo' AND w.skiplock_limit_key IS NOT NULL
+            AND (%(queues)s::varchar[] IS NULL OR w.queue_name = ANY(%(queues)s::varchar[]))
+      ) AS limited_waiting) g
+LEFT JOIN claimed c ON true
 """.replace("{listened}", LISTENED)
 
 # Jobs under limits, claimed one at a time in claim order by `skiplock_claim_limited` (migration

@@ -182,6 +182,8 @@ class Worker:
         self._db_lock = asyncio.Lock()  # one claim/finish round trip at a time
         self._wake = _Wake()
         self._rate_wake: asyncio.TimerHandle | None = None
+        self._limited_waiting = True  # jobs may wait under limits: claim them too (CLAIM says)
+        self._claim_again = False
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._needs_reconcile = False
@@ -341,7 +343,8 @@ class Worker:
                         self._buffer.append(job)
                 self._send_reports()  # before any of them runs: a job stuck in C must be known
                 if claim:
-                    more = len(claimed) == free
+                    more = len(claimed) == free or self._claim_again
+                    self._claim_again = False
                     if more:
                         continue
                     if not claimed and not self.wait and not self._running and not self._buffer:
@@ -431,12 +434,20 @@ class Worker:
             if n > 0:
                 params = {"queues": self.queues, "n": n, "worker_id": self.worker_id}
                 claim = await _execute(conn, _CLAIM, params)
-                # Jobs under limits (flow control) are claimed by their own statement, after the
-                # claim, within the same `n`: it counts what the claim took against `held`.
-                held = len(self._running) + len(self._buffer) + len(self._pending) - len(batch)
-                limited = await _execute(conn, _CLAIM_LIMITED, {**params, "held": held})
+                if self._limited_waiting:
+                    # Jobs under limits (flow control) are claimed by their own statement, after
+                    # the claim, within the same `n`: it counts what the claim took against `held`.
+                    held = len(self._running) + len(self._buffer) + len(self._pending) - len(batch)
+                    limited = await _execute(conn, _CLAIM_LIMITED, {**params, "held": held})
         finished = await finish.fetchall() if finish is not None else []
-        rows = await claim.fetchall() if claim is not None else []
+        rows: list[Any] = []
+        if claim is not None:
+            answered = await claim.fetchall()
+            waiting = bool(answered and answered[0][10])
+            if waiting and limited is None:
+                self._claim_again = True  # jobs wait under a limit: claim them at once
+            self._limited_waiting = waiting
+            rows = [row for row in answered if row[0] is not None]
         if limited is not None:
             for row in await limited.fetchall():
                 if row[0] is None:

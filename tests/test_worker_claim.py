@@ -66,7 +66,7 @@ def picks(queues: list[str] | None) -> tuple[list[int], list[int]]:
                         picked.append(job_id)
                 else:
                     cursor.execute(transitions.CLAIM, {"queues": queues, "n": 100, "worker_id": worker_id})
-                    rows = cursor.fetchall()
+                    rows = [row for row in cursor.fetchall() if row[0] is not None]
                     picked = [row[0] for row in sorted(rows, key=lambda row: (-row[3], row[0]))]
                 results.append(picked)
                 raise _Rollback
@@ -157,7 +157,8 @@ def test_two_racing_claimers_never_claim_the_same_job_nor_two_of_one_lock(
         idle = 0
         while idle < 3:
             try:
-                rows = conn.execute(transitions.CLAIM, {"queues": None, "n": 4, "worker_id": worker_id}).fetchall()
+                rows = [row for row in conn.execute(transitions.CLAIM, {"queues": None, "n": 4, "worker_id": worker_id})
+                        if row[0] is not None]
             except psycopg.errors.UniqueViolation:
                 continue  # two heads of one lock from two snapshots: the index refused ours
             if not rows:
