@@ -36,8 +36,9 @@ from ninja.errors import AuthenticationError, AuthorizationError, HttpError, Val
 from ninja.parser import Parser
 from ninja.responses import Status
 from pydantic import Field
+from pydantic import ValidationError as PydanticValidationError
 
-from jobs import services
+from jobs import api_flow, services
 from jobs.auth import API_AUTH, Principal, manages_jobs, principal_of
 from jobs.events import end_event_id, job_event_stream
 from jobs.exceptions import InvalidArguments, JobNotFound, SkiplockError
@@ -57,6 +58,7 @@ from jobs.schemas import (
     StrictSchema,
     TaskListOut,
     TransitionOut,
+    UniqueIn,
     task_components,
 )
 from jobs.selectors import job_attempts, job_get, job_max_attempts, job_waiting_for, state_filter
@@ -337,14 +339,25 @@ def _defer_request(item: JobStartIn, principal: Principal, prefix: str = "") -> 
 
 def _unique(item: JobStartIn, prefix: str) -> Unique | None:
     """A start's own unique rule (None: the task's), or a 422 naming the field."""
-    if item.unique is None:
-        return None
+    field = f"{prefix}unique"
+    value = item.unique
     try:
-        return Unique.from_request(True if item.unique is True else item.unique.model_dump(exclude_none=True))
+        if value is None:
+            return None
+        if value is True:
+            return Unique()
+        if not isinstance(value, dict):
+            raise ValueError("must be true or an object with period, fields, key, states")
+        rule = UniqueIn.model_validate(value)
+        return Unique.from_request(rule.model_dump(exclude_none=True))
+    except PydanticValidationError as exc:
+        details = [{"field": ".".join([field, *map(str, error["loc"])]), "message": error["msg"], "type": error["type"]}
+                   for error in exc.errors()]
+        raise InvalidArguments("; ".join(f"{d['field']}: {d['message']}" for d in details), details=details) from None
     except ValueError as exc:
-        field = f"{prefix}unique"
+        where = next((f"{field}.{name}" for name in ("states", "period") if f"unique {name}" in str(exc)), field)
         raise InvalidArguments(
-            f"{field}: {exc}", details=[{"field": field, "message": str(exc), "type": "value_error"}]
+            f"{where}: {exc}", details=[{"field": where, "message": str(exc), "type": "value_error"}]
         ) from None
 
 
@@ -521,6 +534,11 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any
     return {"jobs": jobs, "next_cursor": next_cursor}
 
 
+# Flow control: queues, task limits, changing and bulk-steering jobs (jobs/api_flow.py). Registered
+# here, before `/jobs/{job_id}`: Django tries paths in order, so `/jobs/bulk` comes first.
+api_flow.register(api, COMMON)
+
+
 @api.get("/jobs/{job_id}", response={200: JobOut, 404: ErrorOut, **COMMON}, tags=["jobs"], summary="Read a job")
 def get_job(request: HttpRequest, job_id: int) -> dict[str, Any]:
     """State, progress, attempts, timings, and the result or the last error."""
@@ -674,7 +692,3 @@ def api_not_found(request: HttpRequest) -> HttpResponse:
         {"error": {"code": "not_found", "message": f"no API endpoint at {request.path}; see /api/docs", "details": None}},
         status=404,
     )
-
-
-# Flow control (queues, task limits, changing and bulk-steering jobs) registers its endpoints on `api`.
-from jobs import api_flow  # noqa: E402, F401

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest
+from ninja import NinjaAPI
 from ninja.errors import AuthorizationError
 
 from jobs import services
-from jobs.api import COMMON, _utc, _visible_job, api, job_url, matching_jobs
 from jobs.auth import Principal, manages_jobs, principal_of
 from jobs.exceptions import InvalidArguments, SkiplockError
 from jobs.queues import QueueInfo
@@ -86,7 +86,6 @@ def _queue_out(info: QueueInfo) -> dict[str, Any]:
 # --- queues -----------------------------------------------------------------------------------------------
 
 
-@api.get("/queues", response={200: QueueListOut, **COMMON}, tags=["queues"], summary="List queues")
 def list_queues(request: HttpRequest) -> dict[str, Any]:
     """Every queue the tasks declare or that holds jobs or a setting: paused or not, its limits,
     jobs by state, running count, how long the oldest runnable job has waited, starts in the rate window."""
@@ -97,7 +96,6 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
     return {"queues": [_queue_out(found[name]) for name in sorted(found)]}
 
 
-@api.get("/queues/{name}", response={200: QueueOut, **COMMON}, tags=["queues"], summary="Read a queue")
 def get_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     """One queue as in the list (a queue nothing uses yet reads as running, unlimited and empty)."""
     require_manage(principal_of(request), "read queues")
@@ -105,7 +103,6 @@ def get_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     return _queue_out(services.get_queue(name))
 
 
-@api.post("/queues/{name}/pause", response={200: QueueOut, **COMMON}, tags=["queues"], summary="Pause a queue")
 def pause_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     """No worker starts a job of the queue until it is resumed (running jobs finish; new jobs are
     still accepted). Pausing a paused queue changes nothing; the answer is the queue's status."""
@@ -116,7 +113,6 @@ def pause_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     return _queue_out(services.get_queue(name))
 
 
-@api.post("/queues/{name}/resume", response={200: QueueOut, **COMMON}, tags=["queues"], summary="Resume a queue")
 def resume_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     """Workers start the queue's jobs again (they are woken at once). Resuming a running queue changes nothing."""
     principal = principal_of(request)
@@ -126,7 +122,6 @@ def resume_queue(request: HttpRequest, name: str) -> dict[str, Any]:
     return _queue_out(services.get_queue(name))
 
 
-@api.patch("/queues/{name}", response={200: QueueOut, **COMMON}, tags=["queues"], summary="Set a queue's limits")
 def change_queue(request: HttpRequest, name: str, payload: QueueLimitsIn) -> dict[str, Any]:
     """`{"concurrency": n|null, "rate_limit": n|null, "rate_period": seconds|null}`: only the fields
     given change, null clears; `rate_limit` and `rate_period` go together. Enforced at every
@@ -157,7 +152,6 @@ def change_queue(request: HttpRequest, name: str, payload: QueueLimitsIn) -> dic
 # --- task limits -----------------------------------------------------------------------------------------
 
 
-@api.get("/limits", response={200: TaskLimitListOut, **COMMON}, tags=["queues"], summary="List task limits")
 def list_limits(request: HttpRequest) -> dict[str, Any]:
     """Each task limit key (a task's `concurrency` / `rate_limit`, per formatted key): its limits,
     jobs running under it, jobs waiting and how long the oldest has waited, starts in the rate window."""
@@ -165,34 +159,9 @@ def list_limits(request: HttpRequest) -> dict[str, Any]:
     return {"limits": [limit.as_dict() for limit in services.list_task_limits()]}
 
 
-# --- changing one waiting job -----------------------------------------------------------------------------
-
-
-@api.patch("/jobs/{job_id}", response={200: TransitionOut, 404: ErrorOut, 409: ErrorOut, **COMMON}, tags=["jobs"],
-           summary="Change a waiting job")
-def change_job(request: HttpRequest, job_id: int, payload: JobChangeIn) -> dict[str, Any]:
-    """A waiting job's `priority` and/or `run_at` (null: runnable now). `409` when the job is not
-    waiting (its state in `details.state`), `422` for a bad value (nothing changes)."""
-    principal = principal_of(request)
-    require_manage(principal, "change jobs")
-    _visible_job(principal, job_id)
-    changes: dict[str, Any] = {}
-    if "priority" in payload.model_fields_set:
-        if payload.priority is None:
-            raise InvalidArguments("priority: must be an integer, not null",
-                                   details=[{"field": "priority", "message": "must be an integer", "type": "value_error"}])
-        changes["priority"] = payload.priority
-    if "run_at" in payload.model_fields_set:
-        changes["run_at"] = _utc(payload.run_at, "run_at")
-    services.job_change(job_id=job_id, **changes)
-    record = _visible_job(principal, job_id)
-    return {"id": job_id, "state": record.state, "display_state": record.display_state, "status_url": job_url(job_id)}
-
-
 # --- bulk actions -----------------------------------------------------------------------------------------
 
 
-@api.post("/jobs/bulk", response={200: JobBulkOut, **COMMON}, tags=["jobs"], summary="Cancel, retry or delete jobs by filter")
 def bulk_jobs(request: HttpRequest, payload: JobBulkIn) -> dict[str, Any]:
     """`{"action": "cancel"|"retry"|"delete", "filter": {...GET /api/jobs filters}, "dry_run": bool}`.
 
@@ -201,6 +170,8 @@ def bulk_jobs(request: HttpRequest, payload: JobBulkIn) -> dict[str, Any]:
     jobs per call: above that it is a `422` (`too_many_jobs`) and nothing changes — narrow the
     filter (e.g. `created_before`). `dry_run` counts and changes nothing.
     """
+    from jobs.api import matching_jobs
+
     principal = principal_of(request)
     principal.require(payload.action)
     service, states = BULK_ACTIONS[payload.action]
@@ -228,3 +199,45 @@ def bulk_jobs(request: HttpRequest, payload: JobBulkIn) -> dict[str, Any]:
             changed += 1
     return {"action": payload.action, "dry_run": payload.dry_run, "matched": len(rows), "changed": changed,
             "skipped": len(rows) - changed, "max_jobs": MAX_BULK}
+
+
+# --- changing one waiting job -----------------------------------------------------------------------------
+
+
+def change_job(request: HttpRequest, job_id: int, payload: JobChangeIn) -> dict[str, Any]:
+    """A waiting job's `priority` and/or `run_at` (null: runnable now). `409` when the job is not
+    waiting (its state in `details.state`), `422` for a bad value (nothing changes)."""
+    from jobs.api import _utc, _visible_job, job_url
+
+    principal = principal_of(request)
+    require_manage(principal, "change jobs")
+    _visible_job(principal, job_id)
+    changes: dict[str, Any] = {}
+    if "priority" in payload.model_fields_set:
+        if payload.priority is None:
+            raise InvalidArguments("priority: must be an integer, not null",
+                                   details=[{"field": "priority", "message": "must be an integer", "type": "value_error"}])
+        changes["priority"] = payload.priority
+    if "run_at" in payload.model_fields_set:
+        changes["run_at"] = _utc(payload.run_at, "run_at")
+    services.job_change(job_id=job_id, **changes)
+    record = _visible_job(principal, job_id)
+    return {"id": job_id, "state": record.state, "display_state": record.display_state, "status_url": job_url(job_id)}
+
+
+
+def register(api: NinjaAPI, common: dict[int, Any]) -> None:
+    """Add these endpoints to the API. jobs.api calls it before it declares `/jobs/{job_id}`:
+    Django tries paths in order, so `/jobs/bulk` must come first."""
+    queue = {200: QueueOut, **common}
+    api.get("/queues", response={200: QueueListOut, **common}, tags=["queues"], summary="List queues")(list_queues)
+    api.get("/queues/{name}", response=queue, tags=["queues"], summary="Read a queue")(get_queue)
+    api.post("/queues/{name}/pause", response=queue, tags=["queues"], summary="Pause a queue")(pause_queue)
+    api.post("/queues/{name}/resume", response=queue, tags=["queues"], summary="Resume a queue")(resume_queue)
+    api.patch("/queues/{name}", response=queue, tags=["queues"], summary="Set a queue's limits")(change_queue)
+    api.get("/limits", response={200: TaskLimitListOut, **common}, tags=["queues"],
+            summary="List task limits")(list_limits)
+    api.post("/jobs/bulk", response={200: JobBulkOut, **common}, tags=["jobs"],
+             summary="Cancel, retry or delete jobs by filter")(bulk_jobs)
+    api.patch("/jobs/{job_id}", response={200: TransitionOut, 404: ErrorOut, 409: ErrorOut, **common}, tags=["jobs"],
+              summary="Change a waiting job")(change_job)

@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from ninja import Schema
-from pydantic import BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from jobs.flow import MAX_LIMIT, MAX_PERIOD_SECONDS, MAX_RATE_PER_PERIOD
 from jobs.registry import (
@@ -47,6 +47,25 @@ class StrictSchema(Schema):
     model_config = ConfigDict(extra="forbid")
 
 
+class UniqueIn(StrictSchema):
+    """No second job of the task with the same arguments (or `fields` of them, or a formatted `key`)."""
+
+    period: float | None = Field(default=None, gt=0, le=MAX_PERIOD_SECONDS, strict=True,
+                                 description="seconds back a duplicate counts; any age when left out")
+    fields: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=100, description="only these arguments make two starts the same (not with key)",
+    )
+    key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL,
+                            description="a key formatted from the arguments, e.g. 'report:{account_id}' (not with fields)")
+    states: list[str] | None = Field(default=None, min_length=1, max_length=20,
+                                     description="the job states a duplicate may be in (default: todo, doing)")
+
+
+# A start's `unique`: true or a UniqueIn object, checked in jobs.api (so that an error names
+# `unique.period`, not pydantic's union branches); the OpenAPI document shows both shapes.
+UNIQUE_SCHEMA = {"anyOf": [{"type": "boolean", "enum": [True]}, UniqueIn.model_json_schema(), {"type": "null"}]}
+
+
 class JobStartIn(StrictSchema):
     """One job to start: a task by name with its arguments and optional placement."""
 
@@ -75,25 +94,11 @@ class JobStartIn(StrictSchema):
     )
     expires_in: float | None = Field(default=None, gt=0, le=366 * 24 * 3600, strict=True,
                                      description="seconds from now after which the job is never run (ends `expired`)")
-    unique: Literal[True] | UniqueIn | None = Field(
+    unique: Annotated[Any, WithJsonSchema(UNIQUE_SCHEMA)] = Field(
         default=None,
         description="true, or {period, fields, key, states}: a duplicate start returns the existing job "
         "(200, created: false) instead of a second one; the task's own rule applies when left out",
     )
-
-
-class UniqueIn(StrictSchema):
-    """No second job of the task with the same arguments (or `fields` of them, or a formatted `key`)."""
-
-    period: float | None = Field(default=None, gt=0, le=MAX_PERIOD_SECONDS, strict=True,
-                                 description="seconds back a duplicate counts; any age when left out")
-    fields: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
-        default=None, max_length=100, description="only these arguments make two starts the same (not with key)",
-    )
-    key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL,
-                            description="a key formatted from the arguments, e.g. 'report:{account_id}' (not with fields)")
-    states: list[State] | None = Field(default=None, min_length=1,
-                                       description="the states a duplicate may be in (default: todo, doing)")
 
 
 class JobBatchIn(StrictSchema):
@@ -318,7 +323,7 @@ class JobChangeIn(StrictSchema):
 class JobBulkIn(StrictSchema):
     action: Literal["cancel", "retry", "delete"]
     filter: JobMatch = Field(default_factory=JobMatch, description="the filters of GET /api/jobs (no limit, cursor)")
-    dry_run: bool = Field(default=False, description="count what would change; change nothing")
+    dry_run: bool = Field(default=False, strict=True, description="count what would change; change nothing")
 
 
 class JobBulkOut(Schema):
