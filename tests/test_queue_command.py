@@ -116,3 +116,25 @@ def test_the_command_line_exits_non_zero_with_one_line_on_stderr() -> None:
     ]
     assert manage("queue", "pause", "cpu").returncode == 0
     assert state_of("cpu")[0] is True
+
+
+def test_the_operations_doc_queue_commands_run_in_order() -> None:
+    import re
+    import shlex
+
+    from django.conf import settings
+
+    doc = (settings.BASE_DIR / "docs" / "operations.md").read_text()
+    lines = [
+        shlex.split(line.removeprefix("$ "), comments=True)
+        for block in re.findall(r"```console\n(.*?)```", doc, flags=re.DOTALL)
+        for line in block.splitlines()
+        if line.startswith("$ python manage.py queue ")
+    ]
+    assert len(lines) == 7
+    outputs = [queue(*words[3:]) for words in lines]
+    assert outputs[0].startswith("queue cpu paused")
+    assert outputs[1].startswith("queue cpu  paused since")
+    assert outputs[3].strip() == "queue cpu: at most 2 running, at most 100 starts per 60 s"
+    assert any(entry["name"] == "cpu" for entry in json.loads(outputs[5]))
+    assert state_of("cpu") == (False, None, None, None)
