@@ -50,10 +50,12 @@ def start_workers(flow_tables: None) -> Iterator[Callable[..., WorkerProcess]]:
         worker.close()
 
 
-def most_at_once(label: str) -> int:
-    """The most spans of `label` open at the same instant (an end at t closes before a start at t)."""
+def most_at_once(label: str | None = None) -> int:
+    """The most spans of `label` (of any label) open at the same instant (an end at t closes
+    before a start at t)."""
     edges: list[tuple[dt.datetime, int]] = []
-    for started, ended in query("SELECT started, ended FROM ftest_spans WHERE label = %s", [label]):
+    for started, ended in query("SELECT started, ended FROM ftest_spans WHERE %s::text IS NULL OR label = %s",
+                                [label, label]):
         edges += [(started, 1), (ended, -1)]
     running = peak = 0
     for _, step in sorted(edges):
@@ -153,3 +155,16 @@ def test_pause_state_survives_a_restart_of_the_workers(start_workers: Callable[.
     assert states(ids) == {"todo": 3}
     queues.resume_queue("ftest")
     wait_for(lambda: states(ids) == {"succeeded": 3}, timeout=30, what="the jobs to run after resume")
+
+
+def test_a_job_under_both_a_queue_limit_and_a_task_limit_needs_room_in_both(flow_tables: None) -> None:
+    from jobs.testing import WorkerThread
+
+    queues.set_queue_limits("ftest", concurrency=4)
+    ids = defer("tests.flow.partner_call", 16, partner_id=1, work_ms=60)
+    ids += defer("tests.flow.partner_call", 16, partner_id=2, work_ms=60)
+    with WorkerThread(queues=["ftest"], concurrency=8, name="flow-both"):
+        wait_for(lambda: states(ids) == {"succeeded": 32}, timeout=60, what="all 32 jobs to succeed")
+    assert most_at_once("partner:1") <= 3
+    assert most_at_once("partner:2") <= 3
+    assert most_at_once() == 4
