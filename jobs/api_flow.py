@@ -18,7 +18,7 @@ from jobs import services
 from jobs.auth import Principal, manages_jobs, principal_of
 from jobs.exceptions import InvalidArguments, SkiplockError
 from jobs.queues import QueueInfo
-from jobs.registry import queue_problem, startable_tasks
+from jobs.registry import queue_problem
 from jobs.schemas import (
     ErrorOut,
     JobBulkIn,
@@ -90,10 +90,7 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
     """Every queue the tasks declare or that holds jobs or a setting: paused or not, its limits,
     jobs by state, running count, how long the oldest runnable job has waited, starts in the rate window."""
     require_manage(principal_of(request), "read queues")
-    found = {info.name: info for info in services.list_queues()}
-    for name in {spec.queue for spec in startable_tasks()} - set(found):
-        found[name] = services.get_queue(name)
-    return {"queues": [_queue_out(found[name]) for name in sorted(found)]}
+    return {"queues": [_queue_out(info) for info in services.every_queue()]}
 
 
 def get_queue(request: HttpRequest, name: str) -> dict[str, Any]:

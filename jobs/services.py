@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from jobs.queues import (
     QueueProblem,
+    every_queue,
     get_queue,
     list_queues,
     list_task_limits,
@@ -35,6 +36,7 @@ __all__ = [
     "DeferRequest",
     "DeferredJob",
     "QueueProblem",
+    "every_queue",
     "get_queue",
     "is_final",
     "job_abort",

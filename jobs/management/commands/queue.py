@@ -21,7 +21,6 @@ from procrastinate.exceptions import ConnectorException
 from jobs import services
 from jobs.management.commands.job import _unreachable_cause, unreachable_database_message
 from jobs.queues import UNSET, QueueInfo
-from jobs.registry import startable_tasks
 
 CHANGED_BY = "manage.py queue"
 
@@ -81,10 +80,7 @@ class Command(BaseCommand):
     # --- actions ---------------------------------------------------------------------------------
 
     def do_list(self, *, as_json: bool, **_: Any) -> None:
-        found = {info.name: info for info in services.list_queues()}
-        for name in {spec.queue for spec in startable_tasks()} - set(found):
-            found[name] = services.get_queue(name)
-        queues = [found[name] for name in sorted(found)]
+        queues = services.every_queue()
         if as_json:
             self.emit([info.as_dict() for info in queues])
             return
