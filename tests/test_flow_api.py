@@ -205,6 +205,11 @@ def test_a_signed_in_user_without_the_change_permission_cannot_pause_or_change_j
     error = assert_error(user.http.post("/api/queues/cpu/pause", headers=user.unsafe_headers()), 403, "forbidden")
     assert "'change' permission" in error["message"]
     assert not queues.list_queues(["cpu"])
+    mine = user.http.post("/api/jobs", json={"task": "optimize_route", "args": {"points": 20}, "delay_seconds": 600},
+                          headers=user.unsafe_headers()).json()["id"]
+    changed = user.http.patch(f"/api/jobs/{mine}", json={"priority": 9}, headers=user.unsafe_headers())
+    assert "'change' permission" in assert_error(changed, 403, "forbidden")["message"]  # even their own job
+    assert JobRecord.objects.get(pk=mine).priority == 0
 
 
 # --- changing a waiting job -------------------------------------------------------------------------------------
