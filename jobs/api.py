@@ -15,7 +15,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -35,20 +35,22 @@ from ninja import NinjaAPI, Query
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.responses import Status
-from pydantic import BeforeValidator, Field
+from pydantic import Field
+from pydantic import ValidationError as PydanticValidationError
 
-from jobs import services
+from jobs import api_flow, services
 from jobs.auth import API_AUTH, Principal, manages_jobs, principal_of
 from jobs.events import end_event_id, job_event_stream
 from jobs.exceptions import InvalidArguments, JobNotFound, SkiplockError
+from jobs.flow import Unique
 from jobs.models import JobRecord
 from jobs.registry import find_task, startable_tasks
 from jobs.schemas import (
     AttemptListOut,
     ErrorOut,
-    IsoDateTime,
     JobBatchIn,
     JobBatchOut,
+    JobMatch,
     JobOut,
     JobPageOut,
     JobStartIn,
@@ -56,10 +58,11 @@ from jobs.schemas import (
     StrictSchema,
     TaskListOut,
     TransitionOut,
+    UniqueIn,
     task_components,
 )
 from jobs.selectors import job_attempts, job_get, job_max_attempts, job_waiting_for, state_filter
-from jobs.states import FINAL_STATES, DisplayState, State
+from jobs.states import FINAL_STATES
 from jobs.streams import limited_stream
 
 logger = logging.getLogger(__name__)
@@ -287,6 +290,7 @@ def _job_out(record: JobRecord, principal: Principal) -> dict[str, Any]:
         "scheduled_at": record.scheduled_at,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
+        "expires_at": record.expires_at,
         "duration_ms": _duration_ms(record.started_at, record.finished_at),
         "worker": record.worker_name or None,
         "idempotency_key": record.idempotency_key,
@@ -328,7 +332,33 @@ def _defer_request(item: JobStartIn, principal: Principal, prefix: str = "") -> 
         idempotency_key=item.idempotency_key,
         owner_id=principal.user_id if principal.kind == "user" else None,
         api_key_id=principal.key_id if principal.kind == "key" else None,
+        expires_at=_utc(item.expires_at, f"{prefix}expires_at"), expires_in=item.expires_in,
+        unique=_unique(item, prefix),
     )
+
+
+def _unique(item: JobStartIn, prefix: str) -> Unique | None:
+    """A start's own unique rule (None: the task's), or a 422 naming the field."""
+    field = f"{prefix}unique"
+    value = item.unique
+    try:
+        if value is None:
+            return None
+        if value is True:
+            return Unique()
+        if not isinstance(value, dict):
+            raise ValueError("must be true or an object with period, fields, key, states")
+        rule = UniqueIn.model_validate(value)
+        return Unique.from_request(rule.model_dump(exclude_none=True))
+    except PydanticValidationError as exc:
+        details = [{"field": ".".join([field, *map(str, error["loc"])]), "message": error["msg"], "type": error["type"]}
+                   for error in exc.errors()]
+        raise InvalidArguments("; ".join(f"{d['field']}: {d['message']}" for d in details), details=details) from None
+    except ValueError as exc:
+        where = next((f"{field}.{name}" for name in ("states", "period") if f"unique {name}" in str(exc)), field)
+        raise InvalidArguments(
+            f"{where}: {exc}", details=[{"field": where, "message": str(exc), "type": "value_error"}]
+        ) from None
 
 
 def _check_placement(item: JobStartIn, principal: Principal, prefix: str) -> None:
@@ -366,21 +396,23 @@ def list_tasks(request: HttpRequest) -> dict[str, Any]:
 
 @api.post(
     "/jobs",
-    response={202: JobStartOut, 404: ErrorOut, 409: ErrorOut, **COMMON},
+    response={202: JobStartOut, 200: JobStartOut, 404: ErrorOut, 409: ErrorOut, **COMMON},
     tags=["jobs"],
     summary="Start a job",
 )
 def start_job(request: HttpRequest, response: HttpResponse, payload: JobStartIn) -> Status:
     """Start a job of a task with JSON arguments, validated against the task's schema.
 
-    The job is committed before the answer. `404` unknown task, `422` invalid arguments (each
-    field named), `409` idempotency key reused with other arguments or queueing lock taken.
+    The job is committed before the answer (`202`). A start that an idempotency key or a unique
+    rule matched to an existing job answers `200` with that job and `created: false`. `404`
+    unknown task, `422` invalid arguments (each field named), `409` idempotency key reused with
+    other arguments or queueing lock taken.
     """
     principal = principal_of(request)
     principal.require("start")
     job = services.job_defer_batch(requests=[_defer_request(payload, principal)])[0]
     response["Location"] = job_url(job.job_id)
-    return Status(202, _start_out(job))
+    return Status(202 if job.created else 200, _start_out(job))
 
 
 @api.post(
@@ -401,24 +433,7 @@ def start_jobs(request: HttpRequest, payload: JobBatchIn) -> Status:
 # --- reading jobs ---------------------------------------------------------------------------------------
 
 
-def _stored_state(value: Any) -> Any:
-    """`state` is the stored state: a display-only state gets a pointer to `display_state`."""
-    if value in (DisplayState.SCHEDULED, DisplayState.RETRYING):
-        raise ValueError(f"'{value}' is a display state (its stored state is todo): filter with display_state={value}")
-    return value
-
-
-class JobFilters(StrictSchema):
-    task: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00]*$")
-    queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00]*$")
-    state: list[Annotated[State, BeforeValidator(_stored_state)]] | None = Field(
-        default=None, description="the stored state (the `state` field); repeat to match any of several",
-    )
-    display_state: list[DisplayState] | None = Field(
-        default=None, description="the display state (the `display_state` field: scheduled, retrying, ...); repeatable",
-    )
-    created_after: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
-    created_before: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
+class JobFilters(JobMatch):
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_=-]*$")
 
@@ -454,8 +469,8 @@ def _aware(moment: dt.datetime) -> dt.datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
-def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of jobs, newest first, by keyset on job_id: cost independent of the page number."""
+def matching_jobs(filters: JobMatch, *, owner_id: int | None) -> QuerySet[JobRecord]:
+    """The jobs a filter matches, within what the caller may see (`owner_id`: confined to their own)."""
     query: QuerySet[JobRecord] = JobRecord.objects.all()
     if owner_id is not None:
         query = query.filter(owner_id=owner_id)
@@ -471,11 +486,17 @@ def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[s
         query = query.filter(created_at__gte=_aware(filters.created_after))
     if filters.created_before:
         query = query.filter(created_at__lt=_aware(filters.created_before))
+    return query
+
+
+def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of jobs, newest first, by keyset on job_id: cost independent of the page number."""
+    query = matching_jobs(filters, owner_id=owner_id)
     if filters.cursor:
         query = query.filter(job_id__lt=decode_cursor(filters.cursor))
     rows = query.order_by("-job_id").values(
         "job_id", "task_name", "queue_name", "priority", "state", "progress", "step", "attempts",
-        "created_at", "scheduled_at", "started_at", "finished_at",
+        "created_at", "scheduled_at", "started_at", "finished_at", "expires_at",
     )[: filters.limit + 1]
     fetched = list(rows)
     page = fetched[: filters.limit]
@@ -487,10 +508,12 @@ def jobs_page(filters: JobFilters, *, owner_id: int | None) -> tuple[list[dict[s
         {
             "id": row["job_id"], "task": row["task_name"], "queue": row["queue_name"], "priority": row["priority"],
             "state": row["state"],
-            "display_state": display_state(row["state"], scheduled_at=row["scheduled_at"], attempts=row["attempts"], now=now),
+            "display_state": display_state(row["state"], scheduled_at=row["scheduled_at"], attempts=row["attempts"],
+                                           now=now, expires_at=row["expires_at"]),
             "progress": row["progress"], "step": row["step"], "attempts": row["attempts"],
             "created_at": row["created_at"], "scheduled_at": row["scheduled_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"], "duration_ms": _duration_ms(row["started_at"], row["finished_at"]),
+            "finished_at": row["finished_at"], "expires_at": row["expires_at"],
+            "duration_ms": _duration_ms(row["started_at"], row["finished_at"]),
             "status_url": job_url(row["job_id"]),
         }
         for row in page
@@ -509,6 +532,11 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any
     reject_unknown_parameters(request, JobFilters)
     jobs, next_cursor = jobs_page(filters, owner_id=principal.owner_filter)
     return {"jobs": jobs, "next_cursor": next_cursor}
+
+
+# Flow control: queues, task limits, changing and bulk-steering jobs (jobs/api_flow.py). Registered
+# here, before `/jobs/{job_id}`: Django tries paths in order, so `/jobs/bulk` comes first.
+api_flow.register(api, COMMON)
 
 
 @api.get("/jobs/{job_id}", response={200: JobOut, 404: ErrorOut, **COMMON}, tags=["jobs"], summary="Read a job")

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobs.queues import WAITING_SQL
+from jobs.queues import WAITING_SQL, LimitInfo, list_task_limits
 from jobs.registry import all_tasks, find_task
 from jobs.states import State
 
@@ -52,6 +52,8 @@ _STALLED = """
 SELECT count(*) FROM procrastinate_jobs j LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
 WHERE j.status = 'doing' AND (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => %s))
 """
+# Queues an operator paused or limited (jobs.queues); a queue without a row runs unlimited.
+_QUEUE_CONTROLS = "SELECT name, paused, concurrency, rate_limit, rate_period FROM skiplock_queue"
 _RUNNING = """
 SELECT j.task_name, EXTRACT(EPOCH FROM now() - (
     SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started'))::float8
@@ -104,11 +106,16 @@ class DatabaseCollector(Collector):
             stalled = cursor.fetchone()[0]
             cursor.execute(_RUNNING)
             running = cursor.fetchall()
+            cursor.execute(_QUEUE_CONTROLS)
+            controls = cursor.fetchall()
+            limits = list_task_limits()
         return [
             *self._jobs(by_state, waiting),
             *self._attempts(attempts),
             *self._workers(live_workers, all_workers, stalled),
             *self._running(running),
+            *self._queue_controls(controls),
+            *self._task_limits(limits),
         ]
 
     def _jobs(self, by_state: list[Any], waiting: list[Any]) -> list[Metric]:
@@ -205,6 +212,56 @@ class DatabaseCollector(Collector):
                 soft.add_metric([task], spec.soft_time_limit)
                 hard.add_metric([task], spec.hard_time_limit)
         return [running, oldest, past_soft, soft, hard]
+
+    def _queue_controls(self, rows: list[Any]) -> list[Metric]:
+        paused = GaugeMetricFamily(
+            "skiplock_queue_paused", "1 while the queue is paused (no worker starts its jobs), else 0", labels=["queue"]
+        )
+        concurrency = GaugeMetricFamily(
+            "skiplock_queue_concurrency_limit", "At most this many jobs of the queue run at once", labels=["queue"]
+        )
+        rate = GaugeMetricFamily(
+            "skiplock_queue_rate_limit", "At most this many starts of the queue per rate period", labels=["queue"]
+        )
+        period = GaugeMetricFamily(
+            "skiplock_queue_rate_period_seconds", "The window of the queue's rate limit", labels=["queue"]
+        )
+        # Control rows exist only where an operator paused or limited a queue: few, and named on purpose.
+        flags = {spec.queue: False for spec in all_tasks()}
+        for name, is_paused, limit, rate_limit, rate_period in rows:
+            flags[name] = bool(is_paused)
+            if limit is not None:
+                concurrency.add_metric([name], limit)
+            if rate_limit is not None:
+                rate.add_metric([name], rate_limit)
+                period.add_metric([name], float(rate_period))
+        for name, flag in sorted(flags.items()):
+            paused.add_metric([name], 1 if flag else 0)
+        return [paused, concurrency, rate, period]
+
+    def _task_limits(self, limits: list[LimitInfo]) -> list[Metric]:
+        running = GaugeMetricFamily("skiplock_limit_running", "Jobs running under a task limit key", labels=["key"])
+        waiting = GaugeMetricFamily(
+            "skiplock_limit_waiting", "Runnable jobs waiting under a task limit key (held back while it is full)",
+            labels=["key"],
+        )
+        oldest = GaugeMetricFamily(
+            "skiplock_limit_oldest_wait_seconds", "How long the oldest job waiting under a task limit key has waited",
+            labels=["key"],
+        )
+        # Keys come from job arguments ("partner:{partner_id}"): the busiest keep their label, the rest sum up.
+        label = bounded({limit.key: float(limit.running + limit.waiting) for limit in limits}, set())
+        totals: dict[str, list[float]] = {}
+        for limit in limits:
+            entry = totals.setdefault(label[limit.key], [0, 0, 0.0])
+            entry[0] += limit.running
+            entry[1] += limit.waiting
+            entry[2] = max(entry[2], limit.oldest_waiting_seconds)
+        for key, (run, wait, age) in sorted(totals.items()):
+            running.add_metric([key], run)
+            waiting.add_metric([key], wait)
+            oldest.add_metric([key], age)
+        return [running, waiting, oldest]
 
 
 def build_registry() -> CollectorRegistry:

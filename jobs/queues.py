@@ -16,7 +16,7 @@ from typing import Any
 from django.db import connection, transaction
 
 from jobs.flow import ConcurrencyLimit, RateLimit
-from jobs.registry import queue_problem
+from jobs.registry import queue_problem, startable_tasks
 
 
 class QueueProblem(ValueError):
@@ -205,6 +205,14 @@ def get_queue(name: str) -> QueueInfo:
     _check_queue_name(name)
     found = list_queues([name])
     return found[0] if found else QueueInfo(name, depth={"todo": 0, "scheduled": 0, "doing": 0, "aborting": 0})
+
+
+def every_queue() -> list[QueueInfo]:
+    """list_queues() plus every queue a startable task declares, empty ones included (API, CLI)."""
+    found = {info.name: info for info in list_queues()}
+    for name in {spec.queue for spec in startable_tasks()} - set(found):
+        found[name] = QueueInfo(name, depth={"todo": 0, "scheduled": 0, "doing": 0, "aborting": 0})
+    return [found[name] for name in sorted(found)]
 
 
 # Task limits as they stand: per key, running now, waiting, the oldest wait, starts in the window.

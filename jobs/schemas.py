@@ -8,11 +8,12 @@ task's own body (`task_start_schemas`), so clients and fuzzers see every argumen
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from ninja import Schema
-from pydantic import BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from jobs.flow import MAX_LIMIT, MAX_PERIOD_SECONDS, MAX_RATE_PER_PERIOD
 from jobs.registry import (
     MAX_PRIORITY,
     MAX_QUEUE_LENGTH,
@@ -46,6 +47,25 @@ class StrictSchema(Schema):
     model_config = ConfigDict(extra="forbid")
 
 
+class UniqueIn(StrictSchema):
+    """No second job of the task with the same arguments (or `fields` of them, or a formatted `key`)."""
+
+    period: float | None = Field(default=None, gt=0, le=MAX_PERIOD_SECONDS, strict=True,
+                                 description="seconds back a duplicate counts; any age when left out")
+    fields: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=100, description="only these arguments make two starts the same (not with key)",
+    )
+    key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL,
+                            description="a key formatted from the arguments, e.g. 'report:{account_id}' (not with fields)")
+    states: list[str] | None = Field(default=None, min_length=1, max_length=20,
+                                     description="the job states a duplicate may be in (default: todo, doing)")
+
+
+# A start's `unique`: true or a UniqueIn object, checked in jobs.api (so that an error names
+# `unique.period`, not pydantic's union branches); the OpenAPI document shows both shapes.
+UNIQUE_SCHEMA = {"anyOf": [{"type": "boolean", "enum": [True]}, UniqueIn.model_json_schema(), {"type": "null"}]}
+
+
 class JobStartIn(StrictSchema):
     """One job to start: a task by name with its arguments and optional placement."""
 
@@ -69,6 +89,16 @@ class JobStartIn(StrictSchema):
         default=None, min_length=1, max_length=255, pattern=NO_NUL,
         description="starting twice with the same key and arguments returns the first job",
     )
+    expires_at: IsoDateTime | None = Field(
+        default=None, description="ISO 8601 time with a zone: not run by then, the job ends `expired`; not with expires_in",
+    )
+    expires_in: float | None = Field(default=None, gt=0, le=366 * 24 * 3600, strict=True,
+                                     description="seconds from now after which the job is never run (ends `expired`)")
+    unique: Annotated[Any, WithJsonSchema(UNIQUE_SCHEMA)] = Field(
+        default=None,
+        description="true, or {period, fields, key, states}: a duplicate start returns the existing job "
+        "(200, created: false) instead of a second one; the task's own rule applies when left out",
+    )
 
 
 class JobBatchIn(StrictSchema):
@@ -81,7 +111,7 @@ class JobStartOut(Schema):
     queue: str
     state: State
     scheduled_at: dt.datetime | None
-    created: bool = Field(description="false when an idempotency key returned an existing job")
+    created: bool = Field(description="false when an idempotency key or a unique rule returned an existing job")
     status_url: str
     events_url: str
 
@@ -112,6 +142,7 @@ class JobSummaryOut(Schema):
     scheduled_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    expires_at: dt.datetime | None = Field(default=None, description="not run by then, the job ends `expired`")
     duration_ms: int | None
     status_url: str
 
@@ -142,7 +173,8 @@ class JobOut(JobSummaryOut):
 class AttemptOut(Schema):
     number: int
     worker: str | None
-    outcome: str = Field(description="running, succeeded, failed, retried, aborted, lost or timed_out")
+    outcome: str = Field(description="running, succeeded, failed, retried, aborted, lost, timed_out, snoozed, "
+                         "discarded or expired")
     started_at: dt.datetime
     finished_at: dt.datetime | None
     duration_ms: int | None
@@ -203,6 +235,106 @@ class ErrorOut(Schema):
     error: ErrorBody
 
 
+# --- which jobs: the filters of GET /api/jobs and POST /api/jobs/bulk ---------------------------------
+
+
+def _stored_state(value: Any) -> Any:
+    """`state` is the stored state: a display-only state gets a pointer to `display_state`."""
+    if value in (DisplayState.SCHEDULED, DisplayState.RETRYING):
+        raise ValueError(f"'{value}' is a display state (its stored state is todo): filter with display_state={value}")
+    return value
+
+
+class JobMatch(StrictSchema):
+    """Which jobs: every given filter must hold."""
+
+    task: str | None = Field(default=None, min_length=1, max_length=128, pattern=NO_NUL)
+    queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=NO_NUL)
+    state: list[Annotated[State, BeforeValidator(_stored_state)]] | None = Field(
+        default=None, description="the stored state (the `state` field); repeat to match any of several",
+    )
+    display_state: list[DisplayState] | None = Field(
+        default=None, description="the display state (the `display_state` field: scheduled, retrying, ...); repeatable",
+    )
+    created_after: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
+    created_before: IsoDateTime | None = Field(default=None, description="ISO 8601, e.g. 2030-01-01T09:00:00Z")
+
+
+# --- flow control: queues, limits, changing and bulk-steering jobs ---------------------------------------
+
+
+class LimitsOut(Schema):
+    concurrency: int | None = Field(description="at most this many running at once, across every worker")
+    rate_limit: int | None = Field(description="at most this many starts per `rate_period` seconds")
+    rate_period: float | None
+
+
+class QueueDepthOut(Schema):
+    todo: int = Field(description="waiting and runnable now")
+    scheduled: int = Field(description="waiting for a later run time")
+    doing: int
+    aborting: int
+
+
+class QueueOut(Schema):
+    name: str
+    paused: bool = Field(description="a paused queue keeps accepting jobs; no worker starts one until it is resumed")
+    paused_at: dt.datetime | None
+    limits: LimitsOut
+    depth: QueueDepthOut
+    running: int = Field(description="jobs running now (doing and aborting)")
+    oldest_waiting_seconds: float = Field(description="how long the oldest runnable job has waited")
+    starts_in_window: int | None = Field(description="for a rate-limited queue: starts in the current window")
+
+
+class QueueListOut(Schema):
+    queues: list[QueueOut]
+
+
+class QueueLimitsIn(StrictSchema):
+    """Only the fields given change; null clears a limit. rate_limit and rate_period go together."""
+
+    concurrency: int | None = Field(default=None, ge=1, le=MAX_LIMIT, strict=True)
+    rate_limit: int | None = Field(default=None, ge=1, le=MAX_RATE_PER_PERIOD, strict=True)
+    rate_period: float | None = Field(default=None, gt=0, le=MAX_PERIOD_SECONDS, strict=True)
+
+
+class TaskLimitOut(Schema):
+    key: str = Field(description="the task's name, or '<task>:<key formatted from the arguments>'")
+    task: str
+    limits: LimitsOut
+    running: int
+    waiting: int = Field(description="runnable jobs waiting under this key (held back by the limit while it is full)")
+    oldest_waiting_seconds: float = Field(description="how long the oldest of them has waited")
+    starts_in_window: int | None
+
+
+class TaskLimitListOut(Schema):
+    limits: list[TaskLimitOut]
+
+
+class JobChangeIn(StrictSchema):
+    """A waiting job's new priority and/or run time (null: runnable now)."""
+
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True)
+    run_at: IsoDateTime | None = Field(default=None, description="ISO 8601 time with a zone; null runs it now")
+
+
+class JobBulkIn(StrictSchema):
+    action: Literal["cancel", "retry", "delete"]
+    filter: JobMatch = Field(default_factory=JobMatch, description="the filters of GET /api/jobs (no limit, cursor)")
+    dry_run: bool = Field(default=False, strict=True, description="count what would change; change nothing")
+
+
+class JobBulkOut(Schema):
+    action: str
+    dry_run: bool
+    matched: int = Field(description="jobs the filter matches (that the caller may see)")
+    changed: int = Field(description="jobs changed (dry run: that the action applies to now)")
+    skipped: int = Field(description="matched jobs the action does not apply to (their state, or the caller's rights)")
+    max_jobs: int = Field(description="one call acts on at most this many jobs; narrow the filter above it")
+
+
 # --- per-task OpenAPI shapes ----------------------------------------------------------------------
 
 
@@ -217,7 +349,9 @@ def task_components(ref_prefix: str = "#/components/schemas/") -> tuple[dict[str
     """
     components: dict[str, Any] = {}
     start_names: dict[str, str] = {}
-    common = JobStartIn.model_json_schema(ref_template=ref_prefix + "{model}")["properties"]
+    start_schema = JobStartIn.model_json_schema(ref_template=ref_prefix + "{model}")
+    common = start_schema["properties"]
+    components.update(start_schema.get("$defs", {}))  # e.g. UniqueIn
     for spec in startable_tasks():
         args_name, start_name = _task_component_names(spec)
         schema = spec.json_schema(ref_template=ref_prefix + "{model}")  # `__args__` for positional arguments

@@ -56,5 +56,7 @@ def test_the_docs_examples_run_against_a_real_server_and_worker(asgi_server: str
             assert "route length" in run.stdout
     assert ApiKey.objects.filter(name="docs").count() == 1  # made by `manage.py apikey create` in the docs
     assert JobRecord.objects.filter(task_name="deploy_stack", state="succeeded").exists()
-    assert JobRecord.objects.filter(state="cancelled").count() == 1
+    assert JobRecord.objects.filter(state="cancelled").count() == 3  # one, then two by the bulk example
+    assert JobRecord.objects.filter(task_name="optimize_route", priority=10).exists()  # the PATCH example
+    assert not JobRecord.objects.filter(expires_at__isnull=False).exclude(task_name="optimize_route").exists()
     assert JobRecord.objects.filter(task_name="optimize_route", state="succeeded").count() >= 2
