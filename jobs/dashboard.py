@@ -428,9 +428,9 @@ def alerts(board: Dashboard) -> list[Alert]:
     """The alert conditions, in the order an operator should look at them."""
     found = []
     if board.paused:
-        waiting = {row["queue"]: row["waiting"] + row["scheduled"] for row in board.by_queue}
+        held_by = {row["queue"]: row["waiting"] + row["scheduled"] for row in board.by_queue}
         names = ", ".join(p["queue"] for p in board.paused)
-        held = sum(waiting.get(p["queue"], 0) for p in board.paused)
+        held = sum(held_by.get(p["queue"], 0) for p in board.paused)
         found.append(Alert("paused", "warning",
                            f"Paused: {names}. No worker starts their jobs ({held} waiting) until they are "
                            "resumed on the Queues page or with `manage.py queue resume`."))

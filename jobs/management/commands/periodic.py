@@ -21,7 +21,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.serializers.json import DjangoJSONEncoder
 
 from jobs.exceptions import SkiplockError
-from jobs.periodic import PeriodicProblem, periodic_schedules, set_periodic_enabled, trigger_periodic
+from jobs.periodic import (
+    PeriodicProblem,
+    periodic_schedules,
+    set_periodic_enabled,
+    trigger_periodic,
+)
 
 
 class Command(BaseCommand):
