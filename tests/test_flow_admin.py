@@ -334,3 +334,30 @@ def test_an_unknown_schedule_is_refused_with_a_message(operator: Client, schedul
     response = operator.post(SWITCH, {"key": "nope", "action": "disable"}, follow=True)
     assert any(m.startswith("Nothing was changed: no periodic schedule is named 'nope'") for m in messages_of(response))
     assert not PeriodicSwitch.objects.exists()
+
+
+# --- the job pages (end users) --------------------------------------------------------------------
+
+
+def test_the_job_page_shows_an_expiry_a_discarded_job_and_an_expired_one() -> None:
+    from django.urls import reverse
+
+    alice = make_user("alice", staff=False)
+    client = client_for(alice)
+    waiting = services.job_defer(task_name="deploy_stack", args={}, owner_id=alice.pk, expires_in=3600)
+    page = client.get(reverse("pages-job", args=[waiting.job_id])).content.decode()
+    assert 'data-sk="expires-at"' in page
+
+    dropped = services.job_defer(task_name="deploy_stack", args={}, owner_id=alice.pk)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = %s", [dropped.job_id])
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'discarded' WHERE id = %s", [dropped.job_id])
+        cursor.execute("UPDATE skiplock_job SET finished_at = now(), error_type = 'Discard', "
+                       "error_message = 'the partner closed the account' WHERE job_id = %s", [dropped.job_id])
+        cursor.execute("UPDATE procrastinate_jobs SET skiplock_expires_at = now() - interval '1 second' "
+                       "WHERE id = %s", [waiting.job_id])
+    page = client.get(reverse("pages-job", args=[dropped.job_id])).content.decode()
+    assert 'data-sk-outcome="discarded"' in page and "the partner closed the account" in page
+    assert 'sk-badge--grey' in page and ">Discarded<" in page
+    page = client.get(reverse("pages-job", args=[waiting.job_id])).content.decode()
+    assert 'data-sk-outcome="expired"' in page and 'data-display-state="expired"' in page
