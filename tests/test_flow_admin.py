@@ -71,11 +71,14 @@ def test_the_queues_page_lists_each_queue_with_its_depth_state_and_limits(operat
     assert page.status_code == 200
     html = page.content.decode()
     reports = html.split('data-queue="reports"')[1].split("</tr>")[0]
-    assert 'data-paused="reports"' in reports and "Resume" in reports
+    assert 'data-paused="reports"' in reports
+    assert "Resume" in reports
     assert "<td>3</td>" in reports  # waiting
     mail = html.split('data-queue="mail"')[1].split("</tr>")[0]
-    assert "Running" in mail and "Pause" in mail
-    assert "<td>4</td>" in mail and "100 per 60 s" in mail
+    assert "Running" in mail
+    assert "Pause" in mail
+    assert "<td>4</td>" in mail
+    assert "100 per 60 s" in mail
     assert 'id="sl-task-limits"' in html
     assert 'href="/admin/jobs/queues/"' in operator.get("/admin/jobs/dashboard/").content.decode()  # in the nav
 
@@ -86,7 +89,9 @@ def test_an_operator_pauses_and_resumes_a_queue_from_the_queues_page(operator: C
     assert response.redirect_chain[-1][0] == QUEUES
     assert any(m.startswith("Paused queue “reports”") for m in messages_of(response))
     paused = control("reports")
-    assert paused is not None and paused.paused and paused.changed_by == "admin:operator"
+    assert paused is not None
+    assert paused.paused
+    assert paused.changed_by == "admin:operator"
     assert 'data-paused="reports"' in response.content.decode()
 
     again = operator.post(QUEUES, {"queue": "reports", "action": "pause"}, follow=True)
@@ -106,7 +111,8 @@ def test_the_limits_form_sets_and_clears_a_queues_limits(operator: Client) -> No
     operator.post(QUEUES, {"queue": "mail", "action": "limits", "concurrency": "5", "rate_limit": "20",
                            "rate_period": "2"})
     row = control("mail")
-    assert row is not None and (row.concurrency, row.rate_limit, row.rate_period) == (5, 20, 2.0)
+    assert row is not None
+    assert (row.concurrency, row.rate_limit, row.rate_period) == (5, 20, 2.0)
     response = operator.post(QUEUES, {"queue": "mail", "action": "limits", "concurrency": "", "rate_limit": "",
                                       "rate_period": ""}, follow=True)
     assert "Queue “mail”: concurrency unlimited, rate unlimited." in messages_of(response)
@@ -132,7 +138,8 @@ def test_bad_limits_say_what_is_wrong_and_change_nothing(operator: Client, form:
     errors = messages_of(response)
     assert any(says in m.lower() for m in errors), errors
     row = control("mail")
-    assert row is not None and (row.concurrency, row.rate_limit, row.rate_period) == (3, None, None)
+    assert row is not None
+    assert (row.concurrency, row.rate_limit, row.rate_period) == (3, None, None)
     assert QueueControl.objects.count() == 1  # no row for a refused name
 
 
@@ -140,7 +147,8 @@ def test_viewers_see_the_queues_but_cannot_pause_or_limit_them(viewer: Client) -
     insert_jobs(1, queue="reports")
     page = viewer.get(QUEUES).content.decode()
     assert 'data-queue="reports"' in page
-    assert 'value="pause"' not in page and "needs the “change” permission" in page
+    assert 'value="pause"' not in page
+    assert "needs the “change” permission" in page
     assert viewer.post(QUEUES, {"queue": "reports", "action": "pause"}).status_code == 403
     assert viewer.post(QUEUES, {"queue": "reports", "action": "limits", "concurrency": "1"}).status_code == 403
     assert not QueueControl.objects.exists()
@@ -152,7 +160,8 @@ def test_the_staff_flag_alone_opens_nothing_and_permissions_without_it_neither()
     assert bare.post(QUEUES, {"queue": "reports", "action": "pause"}).status_code == 403
     not_staff = client_for(make_user("not-staff", perms=("jobs.change_jobrecord",), staff=False))
     response = not_staff.post(QUEUES, {"queue": "reports", "action": "pause"})
-    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/")
     assert not QueueControl.objects.exists()
 
 
@@ -170,7 +179,9 @@ def test_task_limits_are_listed_with_what_runs_and_waits_under_each_key(operator
         )
     html = operator.get(QUEUES).content.decode()
     table = html.split('id="sl-task-limits"')[1]
-    assert "<code>partner:7</code>" in table and "sync_partner" in table and "100 per 60 s" in table
+    assert "<code>partner:7</code>" in table
+    assert "sync_partner" in table
+    assert "100 per 60 s" in table
 
 
 # --- changing a waiting job -------------------------------------------------------------------------
@@ -182,7 +193,9 @@ def test_the_change_action_asks_for_a_priority_and_run_time(operator: Client) ->
     assert 'value="change_jobs"' in detail
     form = operator.post(LIST, {"action": "change_jobs", "index": "0", "_selected_action": [str(job_id)]})
     html = form.content.decode()
-    assert 'id="sl-change-form"' in html and 'name="priority"' in html and 'name="run_at"' in html
+    assert 'id="sl-change-form"' in html
+    assert 'name="priority"' in html
+    assert 'name="run_at"' in html
 
 
 def test_an_operator_changes_the_priority_and_run_time_of_waiting_jobs(operator: Client) -> None:
@@ -191,7 +204,8 @@ def test_an_operator_changes_the_priority_and_run_time_of_waiting_jobs(operator:
     response = post_action(operator, "change_jobs", ids, priority="42", run_at=later.strftime("%Y-%m-%dT%H:%M:%S"))
     assert any(m.startswith("Changed 2 job(s)") for m in messages_of(response))
     for record in JobRecord.objects.filter(pk__in=ids):
-        assert record.priority == 42 and record.scheduled_at == later
+        assert record.priority == 42
+        assert record.scheduled_at == later
         assert record.display_state == "scheduled"
     post_action(operator, "change_jobs", ids[:1], run_now="on")
     assert JobRecord.objects.get(pk=ids[0]).scheduled_at is None
@@ -243,9 +257,11 @@ def test_a_viewer_cannot_change_a_job(viewer: Client) -> None:
 def test_discarded_and_expired_jobs_are_listed_filtered_and_retried(operator: Client, state: str) -> None:
     job_id = insert_jobs(1, status=state)[0]
     listing = operator.get(LIST, {"state": state}).content.decode()
-    assert f'data-state="{state}"' in listing and f"#{job_id}" in listing
+    assert f'data-state="{state}"' in listing
+    assert f"#{job_id}" in listing
     detail = operator.get(f"{LIST}{job_id}/change/").content.decode()
-    assert f'data-state="{state}"' in detail and 'value="retry_jobs"' in detail
+    assert f'data-state="{state}"' in detail
+    assert 'value="retry_jobs"' in detail
     response = post_action(operator, "retry_jobs", [job_id])
     assert any(m.startswith("Retried 1 job(s)") for m in messages_of(response))
     assert JobRecord.objects.get(pk=job_id).state == "todo"
@@ -264,14 +280,16 @@ def test_the_outcomes_snoozed_discarded_and_expired_have_their_badges(operator: 
 def test_a_waiting_job_shows_its_expiry_and_is_shown_expired_once_past_it(operator: Client) -> None:
     job = services.job_defer(task_name="deploy_stack", args={}, expires_in=3600)
     html = operator.get(f"{LIST}{job.job_id}/change/").content.decode()
-    assert 'id="sl-expires-at"' in html and 'data-state="todo"' in html
+    assert 'id="sl-expires-at"' in html
+    assert 'data-state="todo"' in html
     with connection.cursor() as cursor:
         cursor.execute("UPDATE procrastinate_jobs SET skiplock_expires_at = now() - interval '1 minute' WHERE id = %s",
                        [job.job_id])
     html = operator.get(f"{LIST}{job.job_id}/change/").content.decode()
     assert 'data-state="expired"' in html  # before the sweep stores it
     status = operator.get(f"{LIST}{job.job_id}/status.json").json()
-    assert status["display_state"] == "expired" and status["label"] == "Expired"
+    assert status["display_state"] == "expired"
+    assert status["label"] == "Expired"
 
 
 def test_the_dashboard_shows_paused_queues_and_the_new_final_states(operator: Client) -> None:
@@ -302,14 +320,18 @@ def test_an_operator_disables_enables_and_runs_a_schedule_from_the_periodic_page
                                                                                   schedule: Any) -> None:
     page = operator.get(PERIODIC).content.decode()
     row = page.split('data-periodic="deploy_stack:nightly"')[1].split("</tr>")[0]
-    assert 'data-enabled="yes"' in row and 'value="disable"' in row and 'value="run"' in row
+    assert 'data-enabled="yes"' in row
+    assert 'value="disable"' in row
+    assert 'value="run"' in row
 
     response = operator.post(SWITCH, {"key": "deploy_stack:nightly", "action": "disable"}, follow=True)
     assert any("“deploy_stack:nightly” disabled" in m for m in messages_of(response))
     switch = PeriodicSwitch.objects.get(key="deploy_stack:nightly")
-    assert switch.enabled is False and switch.changed_by == "admin:operator"
+    assert switch.enabled is False
+    assert switch.changed_by == "admin:operator"
     row = response.content.decode().split('data-periodic="deploy_stack:nightly"')[1].split("</tr>")[0]
-    assert 'data-enabled="no"' in row and 'value="enable"' in row
+    assert 'data-enabled="no"' in row
+    assert 'value="enable"' in row
 
     response = operator.post(SWITCH, {"key": "deploy_stack:nightly", "action": "run"}, follow=True)
     started = [m for m in messages_of(response) if m.startswith("Started job #")]
@@ -357,7 +379,10 @@ def test_the_job_page_shows_an_expiry_a_discarded_job_and_an_expired_one() -> No
         cursor.execute("UPDATE procrastinate_jobs SET skiplock_expires_at = now() - interval '1 second' "
                        "WHERE id = %s", [waiting.job_id])
     page = client.get(reverse("pages-job", args=[dropped.job_id])).content.decode()
-    assert 'data-sk-outcome="discarded"' in page and "the partner closed the account" in page
-    assert 'sk-badge--grey' in page and ">Discarded<" in page
+    assert 'data-sk-outcome="discarded"' in page
+    assert "the partner closed the account" in page
+    assert 'sk-badge--grey' in page
+    assert ">Discarded<" in page
     page = client.get(reverse("pages-job", args=[waiting.job_id])).content.decode()
-    assert 'data-sk-outcome="expired"' in page and 'data-display-state="expired"' in page
+    assert 'data-sk-outcome="expired"' in page
+    assert 'data-display-state="expired"' in page
