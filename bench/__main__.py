@@ -32,6 +32,7 @@ BENCHMARKS = {
     "pickup": "bench.pickup",
     "endtoend": "bench.endtoend",
     "growth": "bench.growth",
+    "flow": "bench.flow",
     "profile": "bench.profiling",
     "api": "bench.api",
     "admin": "bench.admin",

@@ -223,6 +223,20 @@ def growth_section(data: dict[str, Any]) -> Section | None:
     return "Growth (finished jobs in the tables)", header, rows, note
 
 
+def flow_section(data: dict[str, Any]) -> Section | None:
+    result = data["benchmarks"].get("flow")
+    if not result or "ratio" not in result:
+        return None
+    rows = [
+        ["no queue steered", fig(result["rate_without_flow_control"]), "1.00×"],
+        [f"limits + a pause on other queues ({result['limited_jobs_waiting']:,} jobs waiting there)",
+         fig(result["rate_with_limits_elsewhere"]), f"{result['ratio']:.2f}×"],
+    ]
+    return ("Flow control: claim rate with limits on another queue", ["side", "no-op jobs/s", "ratio"], rows,
+            f"Skiplock, {result['concurrency']} slots × {result['processes']} process serving every queue; "
+            "alternate drains of the same jobs on `default` (bench/flow.py).")
+
+
 def profile_section(data: dict[str, Any]) -> Section | None:
     result = data["benchmarks"].get("profile")
     if not result or "skiplock" not in result:
@@ -249,7 +263,7 @@ def profile_section(data: dict[str, Any]) -> Section | None:
 
 
 def targets_section(data: dict[str, Any]) -> Section | None:
-    """Issue 12's targets, each as measured in this run (ratios between systems of the same run)."""
+    """Issues 12's and 15's targets, each as measured in this run (ratios between systems of the same run)."""
     b = data["benchmarks"]
     rows: list[list[str]] = []
     proc = b.get("processing", {}).get("rows", {})
@@ -312,7 +326,10 @@ def targets_section(data: dict[str, Any]) -> Section | None:
         name, slowest = max(((n, v.get("median_ms") or 0) for n, v in pages.items()), key=lambda item: item[1])
         add(f"admin pages at {admin.get('rows', 0):,} jobs: slowest median ({name})", slowest, 300,
             f"{slowest:.0f} ms", unit=" ms", higher=False)
-    return "Targets (issue 12)", ["target", "measured", "goal", "status"], rows, ""
+    flow = b.get("flow") or {}
+    value = flow.get("ratio")
+    add("claim rate, limits on another queue / none (issue 15)", value, 0.9, f"{value:.2f}×" if value else "–")
+    return "Targets (issues 12 and 15)", ["target", "measured", "goal", "status"], rows, ""
 
 
 def generic_section(data: dict[str, Any], name: str, title: str) -> Section | None:
@@ -336,7 +353,7 @@ def generic_section(data: dict[str, Any], name: str, title: str) -> Section | No
 def sections(data: dict[str, Any]) -> list[Section]:
     found = [
         processing_section(data), enqueue_section(data), pickup_section(data), endtoend_section(data),
-        growth_section(data), profile_section(data), api_section(data) or generic_section(data, "api", "API (bench/api.py)"),
+        growth_section(data), flow_section(data), profile_section(data), api_section(data) or generic_section(data, "api", "API (bench/api.py)"),
         generic_section(data, "admin", "Admin console at scale (bench/admin.py)"), targets_section(data),
     ]
     return [s for s in found if s is not None]

@@ -694,6 +694,8 @@ def celery_state(record: Any) -> str:
         return states.PENDING
     state = record.state
     if state == State.TODO:
+        if record.expires_at is not None and record.expires_at <= dt.datetime.now(dt.UTC):
+            return states.REVOKED  # expired: it will never run
         return states.RETRY if record.attempts > 0 else states.PENDING
     if state in (State.DOING, State.ABORTING):
         return record.custom_state or states.STARTED
@@ -701,7 +703,7 @@ def celery_state(record: Any) -> str:
         return states.SUCCESS
     if state == State.FAILED:
         return states.REVOKED if record.error_type == "JobExpired" else states.FAILURE
-    return states.REVOKED  # cancelled, aborted
+    return states.REVOKED  # cancelled, aborted, discarded, expired
 
 
 def _exception_of(record: Any, state: str) -> BaseException:

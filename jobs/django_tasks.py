@@ -50,7 +50,8 @@ from jobs.selectors import job_attempts
 from jobs.states import State
 
 # Stored state → Django's status. Waiting jobs (scheduled, retrying) are READY; an aborting
-# job still runs; cancelled and aborted jobs did not succeed, which Django calls FAILED.
+# job still runs; cancelled, aborted, discarded and expired jobs did not succeed, which Django
+# calls FAILED.
 STATUS_OF: dict[State, TaskResultStatus] = {
     State.TODO: TaskResultStatus.READY,
     State.DOING: TaskResultStatus.RUNNING,
@@ -59,6 +60,8 @@ STATUS_OF: dict[State, TaskResultStatus] = {
     State.FAILED: TaskResultStatus.FAILED,
     State.CANCELLED: TaskResultStatus.FAILED,
     State.ABORTED: TaskResultStatus.FAILED,
+    State.DISCARDED: TaskResultStatus.FAILED,
+    State.EXPIRED: TaskResultStatus.FAILED,
 }
 
 _TASKS: dict[str, Task] = {}  # module path → the Django Task, for results and the worker

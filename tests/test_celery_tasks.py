@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from jobs import transitions
 from jobs.celery import (
     AsyncResult,
     MaxRetriesExceededError,
@@ -226,8 +227,11 @@ def test_an_expired_job_is_not_run_and_ends_revoked() -> None:
     result = celery_tasks.add.apply_async((1, 1), expires=0.05)
     time.sleep(0.1)
     run_jobs()
+    assert record(result).display_state == "expired"  # skipped by the claim, never run
+    assert result.state == "REVOKED"
+    transitions.expire_jobs()  # the maintenance tick stores it
     job = record(result)
-    assert (job.state, job.error_type) == ("failed", "JobExpired")
+    assert (job.state, job.error_type) == ("expired", "JobExpired")
     assert result.state == "REVOKED"
     fresh = celery_tasks.add.apply_async((1, 1), expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     run_jobs()

@@ -5,8 +5,8 @@ discard and expiry.
   `raise Discard(reason)`) and `expired` (its `expires_at` passed before it ran; never run).
 - `procrastinate_jobs` gets `skiplock_limit_key` (the task limit a job counts against, NULL for
   most jobs) and `skiplock_expires_at`; the claim statement skips both kinds of rows cheaply
-  (limited jobs are claimed by `skiplock_claim_limited`), and a partial index lists the limited
-  waiting jobs in claim order.
+  (limited jobs are claimed by `skiplock_claim_limited`); two partial indexes list the waiting
+  jobs of one limit key, and of one queue, in claim order.
 - `skiplock_queue` (pause, queue limits, rate log), `skiplock_limit` (task limits per key) and
   `skiplock_periodic_switch` (periodic schedules switched off at run time).
 - `skiplock_job.unique_key`: the digest a unique start is looked up by.
@@ -39,8 +39,10 @@ ALTER TYPE procrastinate_job_status ADD VALUE IF NOT EXISTS 'expired';
 
 COLUMNS = f"""
 ALTER TABLE procrastinate_jobs ADD COLUMN skiplock_limit_key text, ADD COLUMN skiplock_expires_at timestamptz;
-CREATE INDEX skiplock_jobs_limited_todo ON procrastinate_jobs (priority DESC, id)
+CREATE INDEX skiplock_jobs_limited_todo ON procrastinate_jobs (skiplock_limit_key, priority DESC, id)
     WHERE status = 'todo' AND skiplock_limit_key IS NOT NULL;
+CREATE INDEX skiplock_jobs_todo_by_queue ON procrastinate_jobs (queue_name, priority DESC, id)
+    WHERE status = 'todo';
 CREATE INDEX skiplock_jobs_expiring_todo ON procrastinate_jobs (skiplock_expires_at)
     WHERE status = 'todo' AND skiplock_expires_at IS NOT NULL;
 ALTER TABLE skiplock_job ADD COLUMN unique_key varchar(64);
@@ -110,10 +112,13 @@ END $$;
 
 # Claim up to `_n` jobs that wait under a limit (a limited queue, or a task limit key) for
 # `_worker`, minus what the claim before it in the same transaction took (`_held`: the jobs the
-# worker held before that claim). One candidate at a time in claim order (priority, id), skipping
-# jobs whose limits have no room; at most 1000 candidates looked at per call. Rate-limited
-# buckets get their starts logged once at the end. Returns the claimed rows, and one row with a
-# NULL id and `wake_in` (seconds until a rate limit frees a start) when a rate limit held jobs back.
+# worker held before that claim). Limit first: the limits with due jobs waiting (queue limits of
+# the worker's queues, then task limit keys) get their room (skiplock_limit_room: lock, then
+# count); only limits with room are scanned, each on its own index in claim order (priority,
+# id), so a full limit with a long backlog costs one room check, not a scan. A job in a limited
+# queue that also has a key needs room in both. Rate-limited limits get their starts logged once
+# at the end. Returns the claimed rows, then one row with a NULL id and `wake_in` (seconds until
+# a rate limit admits another start) when a rate limit held jobs back.
 CLAIM_LIMITED = r"""
 CREATE FUNCTION skiplock_claim_limited(_worker bigint, _queues varchar[], _n integer, _held integer)
 RETURNS TABLE (id bigint, task_name varchar, queue_name varchar, priority integer, lock text,
@@ -121,101 +126,132 @@ RETURNS TABLE (id bigint, task_name varchar, queue_name varchar, priority intege
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    _limited varchar[];
-    _job record;
-    _claimed record;
+    _paused varchar[];
+    _limited varchar[];  -- limited, running queues among the worker's
     _buckets text[] := '{}';
     _rooms integer[] := '{}';
     _used integer[] := '{}';
     _bucket text;
+    _name text;
     _i integer;
-    _ok boolean;
+    _k integer;
     _left integer;
-    _scanned integer := 0;
+    _take integer;
     _wake float8;
     _room record;
+    _job record;
+    _claimed record;
     _ids bigint[] := '{}';
+    _cur refcursor;
 BEGIN
-    SELECT COALESCE(array_agg(q.name), '{}') INTO _limited FROM skiplock_queue q
-    WHERE NOT q.paused AND (q.concurrency IS NOT NULL OR q.rate_limit IS NOT NULL)
-      AND (_queues IS NULL OR q.name = ANY(_queues));
+    SELECT COALESCE(array_agg(p.name) FILTER (WHERE p.paused), '{}'),
+           COALESCE(array_agg(p.name) FILTER (WHERE NOT p.paused
+                                                AND (p.concurrency IS NOT NULL OR p.rate_limit IS NOT NULL)
+                                                AND (_queues IS NULL OR p.name = ANY(_queues))), '{}')
+    INTO _paused, _limited
+    FROM skiplock_queue p;
     IF cardinality(_limited) = 0 AND NOT EXISTS (
         SELECT 1 FROM procrastinate_jobs j
         WHERE j.status = 'todo' AND j.skiplock_limit_key IS NOT NULL
           AND (_queues IS NULL OR j.queue_name = ANY(_queues))
     ) THEN
-        RETURN;
+        RETURN;  -- nothing waits under a limit here: the common case, one probe of an empty index
     END IF;
-    SELECT _n - (count(*)::integer - _held) INTO _left FROM procrastinate_jobs j
-    WHERE j.worker_id = _worker AND j.status = 'doing';
-    IF _left <= 0 THEN
-        RETURN;
-    END IF;
-    FOR _job IN
-        SELECT j.id, j.queue_name, j.skiplock_limit_key
-        FROM procrastinate_jobs j
-        WHERE j.status = 'todo'
-          AND (j.skiplock_limit_key IS NOT NULL OR j.queue_name = ANY(_limited))
-          AND (_queues IS NULL OR j.queue_name = ANY(_queues))
-          AND j.queue_name NOT IN (SELECT p.name FROM skiplock_queue p WHERE p.paused)
-          AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
-          AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
-          AND (j.lock IS NULL OR NOT EXISTS (
-              SELECT 1 FROM procrastinate_jobs b
-              WHERE b.lock = j.lock AND b.id <> j.id
-                AND (b.status = 'doing'
-                     OR (b.status = 'todo'
-                         AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
-                         AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))
-          ))
-        ORDER BY j.priority DESC, j.id
-        FOR NO KEY UPDATE OF j SKIP LOCKED
+    FOR _bucket IN
+        SELECT 'q:' || q FROM unnest(_limited) q
+        WHERE EXISTS (SELECT 1 FROM procrastinate_jobs j
+                      WHERE j.queue_name = q AND j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
+        UNION ALL
+        SELECT 'k:' || l.key FROM skiplock_limit l
+        WHERE EXISTS (SELECT 1 FROM procrastinate_jobs j
+                      WHERE j.skiplock_limit_key = l.key AND j.status = 'todo'
+                        AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+                        AND (_queues IS NULL OR j.queue_name = ANY(_queues)) AND j.queue_name <> ALL(_paused))
     LOOP
-        _scanned := _scanned + 1;
-        EXIT WHEN _scanned > 1000;
-        _ok := true;
-        FOREACH _bucket IN ARRAY ARRAY[
-            CASE WHEN _job.queue_name = ANY(_limited) THEN 'q:' || _job.queue_name END,
-            'k:' || _job.skiplock_limit_key
-        ] LOOP
-            CONTINUE WHEN _bucket IS NULL;
-            _i := array_position(_buckets, _bucket);
-            IF _i IS NULL THEN
-                SELECT * INTO _room FROM skiplock_limit_room(_bucket);
-                _buckets := _buckets || _bucket;
-                _rooms := _rooms || _room.room;
-                _used := _used || 0;
-                _i := cardinality(_buckets);
-                IF _room.wake_in IS NOT NULL THEN
-                    _wake := least(COALESCE(_wake, _room.wake_in), _room.wake_in);
-                END IF;
+        IF _left IS NULL THEN
+            SELECT _n - (count(*)::integer - _held) INTO _left FROM procrastinate_jobs j
+            WHERE j.worker_id = _worker AND j.status = 'doing';
+            EXIT WHEN _left <= 0;
+        END IF;
+        SELECT * INTO _room FROM skiplock_limit_room(_bucket);
+        _buckets := _buckets || _bucket;
+        _rooms := _rooms || _room.room;
+        _used := _used || 0;
+        IF _room.wake_in IS NOT NULL THEN
+            _wake := least(COALESCE(_wake, _room.wake_in), _room.wake_in);
+        END IF;
+    END LOOP;
+    IF _left IS NULL OR _left <= 0 THEN
+        RETURN;
+    END IF;
+    FOR _i IN 1 .. cardinality(_buckets) LOOP
+        EXIT WHEN _left <= 0;
+        CONTINUE WHEN _rooms[_i] <= 0;
+        _name := substr(_buckets[_i], 3);
+        _take := least(_rooms[_i], _left);
+        IF left(_buckets[_i], 1) = 'q' THEN
+            -- the queue's waiting jobs (a job with a key also needs room under its key)
+            OPEN _cur FOR
+                SELECT j.id, j.queue_name, j.skiplock_limit_key AS key FROM procrastinate_jobs j
+                WHERE j.queue_name = _name AND j.status = 'todo'
+                  AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+                  AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
+                  AND (j.lock IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs b
+                      WHERE b.lock = j.lock AND b.id <> j.id
+                        AND (b.status = 'doing'
+                             OR (b.status = 'todo' AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
+                                 AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))))
+                ORDER BY j.priority DESC, j.id
+                LIMIT _take + 50
+                FOR NO KEY UPDATE OF j SKIP LOCKED;
+        ELSE
+            -- the key's waiting jobs in unlimited queues (those in limited queues come with their queue)
+            OPEN _cur FOR
+                SELECT j.id, j.queue_name, j.skiplock_limit_key AS key FROM procrastinate_jobs j
+                WHERE j.skiplock_limit_key = _name AND j.status = 'todo'
+                  AND (_queues IS NULL OR j.queue_name = ANY(_queues))
+                  AND j.queue_name <> ALL(_paused) AND j.queue_name <> ALL(_limited)
+                  AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+                  AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
+                  AND (j.lock IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs b
+                      WHERE b.lock = j.lock AND b.id <> j.id
+                        AND (b.status = 'doing'
+                             OR (b.status = 'todo' AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
+                                 AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))))
+                ORDER BY j.priority DESC, j.id
+                LIMIT _take
+                FOR NO KEY UPDATE OF j SKIP LOCKED;
+        END IF;
+        LOOP
+            EXIT WHEN _rooms[_i] <= 0 OR _left <= 0;
+            FETCH _cur INTO _job;
+            EXIT WHEN NOT FOUND;
+            _k := NULL;
+            IF left(_buckets[_i], 1) = 'q' AND _job.key IS NOT NULL THEN
+                _k := array_position(_buckets, 'k:' || _job.key);
+                CONTINUE WHEN _k IS NOT NULL AND _rooms[_k] <= 0;
             END IF;
-            IF _rooms[_i] <= 0 THEN
-                _ok := false;
-            END IF;
-        END LOOP;
-        CONTINUE WHEN NOT _ok;
-        UPDATE procrastinate_jobs p SET status = 'doing', worker_id = _worker
-        WHERE p.id = _job.id
-        RETURNING p.id, p.task_name, p.queue_name, p.priority, p.lock, p.queueing_lock, p.args, p.attempts,
-                  p.abort_requested INTO _claimed;
-        FOREACH _bucket IN ARRAY ARRAY[
-            CASE WHEN _job.queue_name = ANY(_limited) THEN 'q:' || _job.queue_name END,
-            'k:' || _job.skiplock_limit_key
-        ] LOOP
-            CONTINUE WHEN _bucket IS NULL;
-            _i := array_position(_buckets, _bucket);
+            UPDATE procrastinate_jobs p SET status = 'doing', worker_id = _worker
+            WHERE p.id = _job.id
+            RETURNING p.id, p.task_name, p.queue_name, p.priority, p.lock, p.queueing_lock, p.args, p.attempts,
+                      p.abort_requested INTO _claimed;
             _rooms[_i] := _rooms[_i] - 1;
             _used[_i] := _used[_i] + 1;
+            IF _k IS NOT NULL THEN
+                _rooms[_k] := _rooms[_k] - 1;
+                _used[_k] := _used[_k] + 1;
+            END IF;
+            _left := _left - 1;
+            _ids := _ids || _claimed.id;
+            id := _claimed.id; task_name := _claimed.task_name; queue_name := _claimed.queue_name;
+            priority := _claimed.priority; lock := _claimed.lock; queueing_lock := _claimed.queueing_lock;
+            args := _claimed.args; attempts := _claimed.attempts; abort_requested := _claimed.abort_requested;
+            wake_in := NULL;
+            RETURN NEXT;
         END LOOP;
-        _ids := _ids || _claimed.id;
-        id := _claimed.id; task_name := _claimed.task_name; queue_name := _claimed.queue_name;
-        priority := _claimed.priority; lock := _claimed.lock; queueing_lock := _claimed.queueing_lock;
-        args := _claimed.args; attempts := _claimed.attempts; abort_requested := _claimed.abort_requested;
-        wake_in := NULL;
-        RETURN NEXT;
-        _left := _left - 1;
-        EXIT WHEN _left <= 0;
+        CLOSE _cur;
     END LOOP;
     FOR _i IN 1 .. cardinality(_buckets) LOOP
         CONTINUE WHEN _used[_i] = 0;
