@@ -386,3 +386,26 @@ def test_the_job_page_shows_an_expiry_a_discarded_job_and_an_expired_one() -> No
     page = client.get(reverse("pages-job", args=[waiting.job_id])).content.decode()
     assert 'data-sk-outcome="expired"' in page
     assert 'data-display-state="expired"' in page
+
+
+def test_the_queues_and_periodic_pages_cost_the_same_queries_whatever_they_list(operator: Client) -> None:
+    from django.test.utils import CaptureQueriesContext
+
+    def queries_of(url: str) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert operator.get(url).status_code == 200
+        return len(captured)
+
+    insert_jobs(1, queue="q0")
+    operator.get(QUEUES)  # warm the session and content-type caches
+    few = queries_of(QUEUES), queries_of(PERIODIC), queries_of("/admin/jobs/dashboard/?refresh=0")
+    for n in range(1, 6):
+        insert_jobs(2, queue=f"q{n}")
+        queues.pause_queue(f"q{n}")
+        queues.set_queue_limits(f"q{n}", concurrency=n)
+    many = queries_of(QUEUES), queries_of(PERIODIC), queries_of("/admin/jobs/dashboard/?refresh=0")
+    assert few == many, (few, many)
+    # session, user, the user's and their groups' permissions, then: depth by state, the oldest
+    # waits, the control rows, the task limits (Queues); the last defers and the switches
+    # (periodic). Nothing per queue or per schedule.
+    assert few[:2] == (8, 6), few
