@@ -168,3 +168,19 @@ def test_a_job_under_both_a_queue_limit_and_a_task_limit_needs_room_in_both(flow
     assert most_at_once("partner:1") <= 3
     assert most_at_once("partner:2") <= 3
     assert most_at_once() == 4
+
+
+def test_snooze_discard_and_expiry_with_worker_processes(start_workers: Callable[..., WorkerProcess]) -> None:
+    snoozed = services.job_defer(task_name="tests.flow.snoozer", args={"times": 2, "seconds": 0.3}).job_id
+    discarded = services.job_defer(task_name="tests.flow.discarder", args={"reason": "pointless now"}).job_id
+    # Due only after its expiry: no worker ever runs it, and the maintenance tick ends it.
+    expiring = services.job_defer(task_name="tests.flow.plain_call", args={"n": 1}, delay_seconds=1.5,
+                                  expires_in=1.0).job_id
+    start_workers("flow-ends").wait_ready()
+    wait_for(lambda: states([snoozed, discarded, expiring]) == {"succeeded": 1, "discarded": 1, "expired": 1},
+             timeout=60, what="the three jobs to end")
+    assert query("SELECT attempts FROM procrastinate_jobs WHERE id = %s", [snoozed]) == [(1,)]
+    assert [row[0] for row in query("SELECT outcome FROM skiplock_job_attempt WHERE job_id = %s ORDER BY number",
+                                    [snoozed])] == ["snoozed", "snoozed", "succeeded"]
+    assert query("SELECT error_message FROM skiplock_job WHERE job_id = %s", [discarded]) == [("pointless now",)]
+    assert scalar("SELECT count(*) FROM ftest_spans WHERE job_id = %s", [expiring]) == 0
