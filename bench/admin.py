@@ -184,6 +184,7 @@ def pages(rows: int) -> dict[str, str]:
         "dashboard": "/admin/jobs/dashboard/",
         "workers": "/admin/jobs/workerinfo/",
         "periodic tasks": "/admin/jobs/periodic/",
+        "queues": "/admin/jobs/queues/",
     }
 
 

@@ -1,8 +1,8 @@
 """The job console on the default admin site (the code lives in jobs/console/).
 
 procrastinate's own job admin is unregistered: it counts every row and lists DISTINCT values of
-unindexed columns on each page view. The console adds a dashboard, a workers page and a periodic
-tasks page beside the models, and lists them first in the "Jobs" section.
+unindexed columns on each page view. The console adds a dashboard, a queues page, a workers page and
+a periodic tasks page beside the models, and lists them first in the "Jobs" section.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, URLResolver, path, reverse
 from procrastinate.contrib.django.models import ProcrastinateJob
 
-from jobs.console import pages
+from jobs.console import flow, pages
 from jobs.console.apikeys import ApiKeyAdmin
 from jobs.console.jobs import JobRecordAdmin
 from jobs.models import ApiKey, JobRecord, WorkerInfo
@@ -45,6 +45,9 @@ def _console_urls(original: Any) -> Any:
         ours: list[URLPattern | URLResolver] = [
             path("jobs/dashboard/", admin.site.admin_view(pages.dashboard_view), name="skiplock_dashboard"),
             path("jobs/periodic/", admin.site.admin_view(pages.periodic_view), name="skiplock_periodic"),
+            path("jobs/periodic/switch/", admin.site.admin_view(flow.periodic_action_view),
+                 name="skiplock_periodic_action"),
+            path("jobs/queues/", admin.site.admin_view(flow.queues_view), name="skiplock_queues"),
         ]
         return ours + list(original())
 
@@ -60,6 +63,8 @@ def _console_app_list(original: Any) -> Any:
             if app["app_label"] == "jobs":
                 pages_first = [
                     {"name": "Dashboard", "object_name": "Dashboard", "admin_url": reverse("admin:skiplock_dashboard"),
+                     "add_url": None, "view_only": True, "perms": {"view": True}},
+                    {"name": "Queues", "object_name": "Queues", "admin_url": reverse("admin:skiplock_queues"),
                      "add_url": None, "view_only": True, "perms": {"view": True}},
                     {"name": "Periodic tasks", "object_name": "Periodic", "admin_url": reverse("admin:skiplock_periodic"),
                      "add_url": None, "view_only": True, "perms": {"view": True}},

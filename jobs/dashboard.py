@@ -109,6 +109,7 @@ class Dashboard:
     live_workers: int
     failure_rate_hour: float | None
     finished_hour: int
+    paused: list[dict[str, Any]] = field(default_factory=list)  # queues paused (jobs.queues), by name
     alerts: list[Alert] = field(default_factory=list)
 
 
@@ -390,6 +391,7 @@ def dashboard(*, now: dt.datetime | None = None) -> Dashboard:
         spec = find_task(job["task"])
         if spec and job["started_at"] and (now - job["started_at"]).total_seconds() > spec.soft_time_limit:
             over_soft.append({**job, "soft_limit": spec.soft_time_limit})
+    paused = paused_queues()
     board = Dashboard(
         now=now,
         window_hours=24,
@@ -407,14 +409,31 @@ def dashboard(*, now: dt.datetime | None = None) -> Dashboard:
         live_workers=live_worker_count(),
         failure_rate_hour=(failed_hour / finished_hour) if finished_hour else None,
         finished_hour=finished_hour,
+        paused=paused,
     )
+    paused_names = {p["queue"] for p in paused}
+    for row in board.by_queue:
+        row["paused"] = row["queue"] in paused_names
     board.alerts = alerts(board)
     return board
+
+
+def paused_queues() -> list[dict[str, Any]]:
+    """Queues paused at run time (a few rows of skiplock_queue), with when and by whom."""
+    return [{"queue": name, "since": since, "by": by} for name, since, by in _rows(
+        "SELECT name, paused_at, changed_by FROM skiplock_queue WHERE paused ORDER BY name")]
 
 
 def alerts(board: Dashboard) -> list[Alert]:
     """The alert conditions, in the order an operator should look at them."""
     found = []
+    if board.paused:
+        held_by = {row["queue"]: row["waiting"] + row["scheduled"] for row in board.by_queue}
+        names = ", ".join(p["queue"] for p in board.paused)
+        held = sum(held_by.get(p["queue"], 0) for p in board.paused)
+        found.append(Alert("paused", "warning",
+                           f"Paused: {names}. No worker starts their jobs ({held} waiting) until they are "
+                           "resumed on the Queues page or with `manage.py queue resume`."))
     waiting = board.active_by_state.get("todo", 0) + board.active_by_state.get("retrying", 0)
     if board.live_workers == 0:
         found.append(Alert("no_live_worker", "error",

@@ -288,7 +288,8 @@ def event_data(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": job_id,
         "state": state,
-        "display_state": str(display_state(state, scheduled_at=row.get("scheduled_at"), attempts=attempts)),
+        "display_state": str(display_state(state, scheduled_at=row.get("scheduled_at"), attempts=attempts,
+                                           expires_at=row.get("expires_at"))),
         "progress": int(row.get("progress") or 0),
         "step": row.get("step") or "",
         "attempts": attempts,

@@ -112,6 +112,7 @@ class JobView:
     args_json: str
     created_at: dt.datetime | None
     scheduled_at: dt.datetime | None
+    expires_at: dt.datetime | None  # a waiting job is never run after it (it ends expired)
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     elapsed_seconds: float
@@ -166,6 +167,7 @@ def job_view(record: JobRecord, user: Any = None, *, now: dt.datetime | None = N
         args_json=json.dumps(record.args or {}, indent=2, sort_keys=True),
         created_at=record.created_at,
         scheduled_at=record.scheduled_at,
+        expires_at=record.expires_at,
         started_at=record.started_at,
         finished_at=record.finished_at,
         elapsed_seconds=round(elapsed, 1),

@@ -21,6 +21,11 @@ Unlike procrastinate's own deferrer, this one does not add a `timestamp` argumen
 on ticks missed while no worker ran (up to `SKIPLOCK_PERIODIC_MAX_DELAY`), survives database
 outages, and repairs the tick that procrastinate issue #1495 leaves blocked: a recorded tick
 whose job row disappeared before it ran (`job_id` NULL) is deferred again.
+
+At run time a schedule can be switched off and on again (`set_periodic_enabled`; a row in
+`skiplock_periodic_switch`, no row = on) and triggered now, outside its schedule
+(`trigger_periodic`), from `manage.py periodic` and the admin's periodic page. The deferrer reads
+the switches once per pass; the ticks of a switched-off schedule are skipped, not caught up later.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from django.conf import settings
 from django.db import connection
 
 from jobs import transitions
-from jobs.registry import TaskSpec, find_task, get_task
+from jobs.registry import TaskSpec, find_task, get_task, is_internal
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,11 @@ class Schedule:
     @property
     def key(self) -> tuple[str, str]:
         return (self.task_name, self.periodic_id)
+
+    @property
+    def switch_key(self) -> str:
+        """Its name for people and for its switch: the task name, or "task:periodic_id"."""
+        return f"{self.task_name}:{self.periodic_id}" if self.periodic_id else self.task_name
 
     def ticks_between(self, start: float, end: float) -> list[int]:
         """Tick timestamps t with start < t <= end, oldest first."""
@@ -148,11 +158,18 @@ def periodic_schedules(*, now: dt.datetime | None = None) -> list[dict[str, Any]
     now = now or dt.datetime.now(dt.UTC)
     schedules = all_schedules()
     last = _last_defers([s.key for s in schedules])
+    switches = _switches()
     rows = []
     for schedule in schedules:
         defer = last.get(schedule.key)
         spec = find_task(schedule.task_name)
+        switch = switches.get(schedule.switch_key)
         rows.append({
+            "key": schedule.switch_key,
+            "enabled": switch is None or switch["enabled"],
+            "switched_at": switch["changed_at"] if switch else None,
+            "switched_by": switch["changed_by"] if switch else "",
+            "internal": is_internal(schedule.task_name),
             "task_name": schedule.task_name,
             "periodic_id": schedule.periodic_id,
             "cron": schedule.cron,
@@ -190,6 +207,80 @@ def _last_defers(keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str,
             }
             for row in cursor.fetchall()
         }
+
+
+# --- switching on and off, triggering now ----------------------------------------------------------
+
+
+class PeriodicProblem(ValueError):
+    """A periodic change that cannot be made (the message says why); nothing was changed."""
+
+
+def find_schedule(key: str) -> Schedule:
+    """The schedule named `key` ("task" or "task:periodic_id"); PeriodicProblem names the known ones."""
+    schedules = all_schedules()
+    for schedule in schedules:
+        if schedule.switch_key == key:
+            return schedule
+    known = ", ".join(s.switch_key for s in schedules) or "none"
+    raise PeriodicProblem(f"no periodic schedule is named {key!r}; known schedules: {known}")
+
+
+def _steerable(key: str, what: str) -> Schedule:
+    schedule = find_schedule(key)
+    if is_internal(schedule.task_name):
+        raise PeriodicProblem(f"{key!r} is Skiplock's own schedule (it prunes and sweeps); it cannot be {what}")
+    return schedule
+
+
+def set_periodic_enabled(key: str, enabled: bool, *, by: str = "") -> bool:
+    """Switch a schedule on or off for every worker (persisted); returns False if it already was."""
+    _steerable(key, "switched off" if not enabled else "switched on")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """INSERT INTO skiplock_periodic_switch AS s (key, enabled, changed_at, changed_by)
+               VALUES (%(key)s, %(enabled)s, now(), %(by)s)
+               ON CONFLICT (key) DO UPDATE SET enabled = EXCLUDED.enabled, changed_at = now(), changed_by = %(by)s
+               WHERE s.enabled IS DISTINCT FROM EXCLUDED.enabled
+               RETURNING (xmax = 0) AS inserted""",
+            {"key": key, "enabled": enabled, "by": by},
+        )
+        row = cursor.fetchone()
+    # A new row that switches on changes nothing (no row already meant on).
+    return row is not None and not (row[0] and enabled)
+
+
+def is_periodic_enabled(key: str) -> bool:
+    switch = _switches().get(key)
+    return switch is None or bool(switch["enabled"])
+
+
+def _switches() -> dict[str, dict[str, Any]]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key, enabled, changed_at, changed_by FROM skiplock_periodic_switch")
+        return {k: {"enabled": e, "changed_at": at, "changed_by": by} for k, e, at, by in cursor.fetchall()}
+
+
+def trigger_periodic(key: str) -> transitions.DeferredJob:
+    """Start the schedule's job now, outside its schedule (its arguments, queue and priority).
+
+    A switched-off schedule may be triggered too; the tick ledger is not touched, so the next
+    tick runs as planned. Raises PeriodicProblem, or the start's own SkiplockError.
+    """
+    schedule = _steerable(key, "triggered by hand")
+    return transitions.job_defer(
+        task_name=schedule.task_name, args=dict(schedule.args), queue=schedule.queue, priority=schedule.priority,
+    )
+
+
+_DISABLED = "SELECT key FROM skiplock_periodic_switch WHERE NOT enabled"
+
+
+async def disabled_keys(connector: Any) -> set[str]:
+    """The schedules switched off, read once per deferrer pass (a few rows at most)."""
+    async with connector.pool.connection() as conn, conn.cursor() as cur:
+        await cur.execute(_DISABLED)
+        return {row[0] for row in await cur.fetchall()}
 
 
 # --- deferring: the side task every worker runs ---------------------------------------------------
@@ -288,9 +379,12 @@ async def run_deferrer(connector: Any, *, stop: asyncio.Event) -> None:
     while not stop.is_set():
         now = time.time()
         try:
+            off = await disabled_keys(connector)
             for schedule in schedules:
                 due = schedule.ticks_between(done[schedule.key], now)
-                if due:
+                if due and schedule.switch_key in off:
+                    done[schedule.key] = due[-1]  # skipped while off, never caught up later
+                elif due:
                     await defer_tick(connector, schedule, due[-1], heal=now - due[-1] < heal_window)
                     done[schedule.key] = due[-1]
             delays = backoff_delays()

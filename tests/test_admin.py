@@ -398,7 +398,8 @@ def test_the_dashboard_counts_what_finished_from_rollup_rows_written_as_jobs_end
     run_jobs()
     with CaptureQueriesContext(connection) as queries:
         board = dashboard.dashboard()
-    assert board.finished_by_state == {"succeeded": 1, "failed": 1, "cancelled": 0, "aborted": 0}
+    assert board.finished_by_state == {"succeeded": 1, "failed": 1, "cancelled": 0, "aborted": 0,
+                                      "discarded": 0, "expired": 0}
     assert sum(b["succeeded"] for b in board.per_minute) == 1
     assert sum(b["failed"] for b in board.per_hour) == 1
     assert board.failure_rate_hour == 0.5

@@ -435,6 +435,7 @@ def test_a_finished_job_shows_its_result_formatted_and_a_failed_one_its_error() 
 # --- one vocabulary: every display state renders ----------------------------------------------------
 
 
+@pytest.mark.django_db  # a waiting job asks what it waits for (jobs.selectors.job_waiting_for)
 @pytest.mark.parametrize("shown", list(DisplayState))
 def test_every_display_state_renders_with_its_label_and_colour(shown: DisplayState) -> None:
     now = timezone.now()
@@ -443,8 +444,9 @@ def test_every_display_state_renders_with_its_label_and_colour(shown: DisplaySta
         job_id=7, task_name="deploy_stack", queue_name="default", state=stored, args={},
         created_at=now - dt.timedelta(seconds=30),
         scheduled_at=now + dt.timedelta(minutes=5) if shown in (DisplayState.SCHEDULED, DisplayState.RETRYING) else None,
-        started_at=now - dt.timedelta(seconds=20) if stored not in (State.TODO, State.CANCELLED) else None,
-        finished_at=now if stored in (State.SUCCEEDED, State.FAILED, State.ABORTED, State.CANCELLED) else None,
+        started_at=now - dt.timedelta(seconds=20) if stored not in (State.TODO, State.CANCELLED, State.EXPIRED) else None,
+        finished_at=now if stored in (State.SUCCEEDED, State.FAILED, State.ABORTED, State.CANCELLED, State.DISCARDED,
+                                      State.EXPIRED) else None,
         attempts=1 if shown == DisplayState.RETRYING or stored != State.TODO else 0,
         progress=40, step="build",
         result={"ok": True} if stored == State.SUCCEEDED else None,
@@ -461,6 +463,7 @@ def test_every_display_state_renders_with_its_label_and_colour(shown: DisplaySta
         DisplayState.TODO: "Waiting for", DisplayState.SCHEDULED: "Waiting for", DisplayState.RETRYING: "Waiting for",
         DisplayState.DOING: "Running for", DisplayState.ABORTING: "Running for", DisplayState.SUCCEEDED: "Took",
         DisplayState.FAILED: "Took", DisplayState.ABORTED: "Took", DisplayState.CANCELLED: "Waited",
+        DisplayState.DISCARDED: "Took", DisplayState.EXPIRED: "Waited",
     }[shown]
     assert f'<dt data-sk="elapsed-label">{expected_clock}</dt>' in html
 
@@ -470,7 +473,7 @@ def test_the_script_gets_every_state_from_the_one_vocabulary() -> None:
 
     vocabulary = json.loads(pages.states_json())
     assert set(vocabulary["states"]) == {str(s) for s in DISPLAY}
-    assert set(vocabulary["final"]) == {"succeeded", "failed", "cancelled", "aborted"}
+    assert set(vocabulary["final"]) == {"succeeded", "failed", "cancelled", "aborted", "discarded", "expired"}
 
 
 # --- formatting ----------------------------------------------------------------------------------

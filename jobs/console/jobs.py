@@ -25,7 +25,7 @@ from jobs import dashboard, selectors, services
 from jobs.console.paginator import EXACT_COUNT_CAP, EstimatedCountPaginator
 from jobs.exceptions import SkiplockError
 from jobs.models import JobRecord
-from jobs.registry import find_task
+from jobs.registry import MAX_PRIORITY, MIN_PRIORITY, find_task
 from jobs.states import DISPLAY, FINAL_STATES, DisplayState, State, colour, label
 
 # A bulk action touches at most this many jobs (each goes through its service, one by one).
@@ -66,7 +66,8 @@ def short_duration(seconds: float | None) -> str:
 def state_of(record: JobRecord, now: dt.datetime | None = None) -> DisplayState:
     from jobs.states import display_state
 
-    return display_state(record.state, scheduled_at=record.scheduled_at, attempts=record.attempts, now=now)
+    return display_state(record.state, scheduled_at=record.scheduled_at, attempts=record.attempts, now=now,
+                         expires_at=record.expires_at)
 
 
 # --- filters ------------------------------------------------------------------------------------
@@ -224,13 +225,17 @@ def _newest(queryset: QuerySet[JobRecord]) -> QuerySet[JobRecord]:
 
 ACTIONS: dict[str, dict[str, Any]] = {
     "retry": {"verb": "retry", "done": "Retried", "service": services.job_retry, "perm": "change",
-              "states": {State.FAILED}, "help": "Run the failed job again now; its history stays."},
+              "states": {State.FAILED, State.DISCARDED, State.EXPIRED},
+              "help": "Run the failed (or discarded, or expired) job again now; its history stays."},
     "cancel": {"verb": "cancel", "done": "Cancelled", "service": services.job_cancel, "perm": "change",
                "states": {State.TODO}, "help": "Cancel a waiting job; it will not run."},
     "abort": {"verb": "abort", "done": "Asked to abort", "service": services.job_abort, "perm": "change",
               "states": {State.DOING, State.TODO}, "help": "Ask a running job to stop (a waiting one is cancelled)."},
     "run_now": {"verb": "run now", "done": "Made runnable now", "service": services.job_run_now, "perm": "change",
                 "states": {State.TODO}, "help": "Run a scheduled job now instead of at its scheduled time."},
+    "change": {"verb": "change priority / run time", "done": "Changed", "service": services.job_change,
+               "perm": "change", "states": {State.TODO},
+               "help": "Give waiting jobs another priority and/or run time (running and finished jobs keep theirs)."},
     "delete": {"verb": "delete", "done": "Deleted", "service": services.job_delete, "perm": "delete",
                "states": {State.TODO, *FINAL_STATES}, "help": "Delete the job with its record, attempts and events."},
 }
@@ -396,11 +401,18 @@ class JobRecordAdmin(admin.ModelAdmin):
             return None
         if request.POST.get("confirm") != "yes":
             return self._confirmation(request, jobs, name)
+        changes: dict[str, Any] = {}
+        if name == "change":
+            try:
+                changes = change_request(request.POST)
+            except ValueError as exc:
+                self.message_user(request, f"{exc} Nothing was changed.", messages.ERROR)
+                return self._confirmation(request, jobs, name)
         done: list[JobRecord] = []
         refused: list[str] = []
         for record in jobs:
             try:
-                spec["service"](job_id=record.job_id)
+                spec["service"](job_id=record.job_id, **changes)
             except SkiplockError as exc:
                 refused.append(exc.message)
             else:
@@ -443,6 +455,10 @@ class JobRecordAdmin(admin.ModelAdmin):
             "next": request.POST.get("next", ""),
             "form_url": request.get_full_path(),
             "console_nav": _nav(request),
+            "change_form": {"priority": request.POST.get("priority", ""), "run_at": request.POST.get("run_at", ""),
+                            "run_now": request.POST.get("run_now") == "on",
+                            "min": MIN_PRIORITY, "max": MAX_PRIORITY,
+                            "zone": timezone.get_current_timezone_name()} if name == "change" else None,
         }
         return TemplateResponse(request, self.confirmation_template, context)
 
@@ -559,8 +575,44 @@ class JobRecordAdmin(admin.ModelAdmin):
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.strip().isdigit()][:200]
-        only = ("job_id", "state", "scheduled_at", "attempts", "progress", "step")
+        only = ("job_id", "state", "scheduled_at", "attempts", "progress", "step", "expires_at")
         return JsonResponse({"jobs": [_status(r) for r in JobRecord.objects.filter(pk__in=ids).only(*only)]})
+
+
+def change_request(form: Any) -> dict[str, Any]:
+    """The change form's priority and run time as job_change's arguments; ValueError says what is wrong.
+
+    An empty priority keeps the jobs' own; an empty run time keeps theirs; "run now" makes them due now.
+    A run time without a zone is in the console's time zone (settings.TIME_ZONE).
+    """
+    changes: dict[str, Any] = {}
+    raw_priority = str(form.get("priority", "")).strip()
+    if raw_priority:
+        text = raw_priority[1:] if raw_priority[:1] in "+-" else raw_priority
+        if not (text.isascii() and text.isdigit()) or len(text) > 6 \
+                or not MIN_PRIORITY <= int(raw_priority) <= MAX_PRIORITY:
+            raise ValueError(f"The priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}; "
+                             f"got “{printable(raw_priority, 20)}”.")
+        changes["priority"] = int(raw_priority)
+    raw_run_at = str(form.get("run_at", "")).strip()
+    if form.get("run_now") == "on":
+        if raw_run_at:
+            raise ValueError("Give a run time or tick “run now”, not both.")
+        changes["run_at"] = None
+    elif raw_run_at:
+        try:
+            moment = dt.datetime.fromisoformat(raw_run_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"The run time must be a date and time like 2026-12-31T09:30 (or with a zone, "
+                             f"+02:00); got “{printable(raw_run_at, 40)}”.") from None
+        if moment.tzinfo is None:
+            moment = timezone.make_aware(moment, timezone.get_current_timezone())
+        if moment > timezone.now() + dt.timedelta(seconds=services.MAX_DELAY_SECONDS):
+            raise ValueError(f"The run time must be at most {services.MAX_DELAY_SECONDS // 86400} days from now.")
+        changes["run_at"] = moment
+    if not changes:
+        raise ValueError("Give a new priority, a run time, or tick “run now”.")
+    return changes
 
 
 def _waiting_for(record: JobRecord) -> str | None:
@@ -586,4 +638,5 @@ def _nav(request: HttpRequest) -> list[dict[str, Any]]:
 
 def _outcome_colour(outcome: str) -> str:
     return {"running": "cyan", "succeeded": "green", "failed": "red", "retried": "orange", "aborted": "purple",
-            "lost": "orange", "timed_out": "red"}.get(outcome, "grey")
+            "lost": "orange", "timed_out": "red", "snoozed": "blue", "discarded": "grey",
+            "expired": "grey"}.get(outcome, "grey")

@@ -34,6 +34,7 @@ def nav(request: HttpRequest) -> list[dict[str, Any]]:
     items = [
         ("Dashboard", reverse("admin:skiplock_dashboard"), "d"),
         ("Jobs", reverse("admin:jobs_jobrecord_changelist"), "j"),
+        ("Queues", reverse("admin:skiplock_queues"), "q"),
         ("Workers", reverse("admin:jobs_workerinfo_changelist"), "w"),
         ("Periodic tasks", reverse("admin:skiplock_periodic"), "p"),
         ("API keys", reverse("admin:jobs_apikey_changelist"), "k"),
@@ -51,7 +52,8 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
                   DisplayState.ABORTING):
         tiles.append({"badge": badge(state), "count": active.get(state.value, 0),
                       "url": f"{jobs_url}?state={state.value}", "note": "now"})
-    for state in (DisplayState.SUCCEEDED, DisplayState.FAILED, DisplayState.CANCELLED, DisplayState.ABORTED):
+    for state in (DisplayState.SUCCEEDED, DisplayState.FAILED, DisplayState.CANCELLED, DisplayState.ABORTED,
+                  DisplayState.DISCARDED, DisplayState.EXPIRED):
         tiles.append({"badge": badge(state), "count": board.finished_by_state.get(state.value, 0),
                       "url": f"{jobs_url}?state={state.value}&finished=24h", "note": "last 24 h",
                       "estimated": board.estimated_by_state.get(state.value)})
@@ -72,6 +74,7 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
         "queue_threshold": settings.SKIPLOCK_ALERT_QUEUE_DEPTH,
         "failure_rate": f"{board.failure_rate_hour:.1%}" if board.failure_rate_hour is not None else "—",
         "refresh": refresh_seconds(request.GET.get("refresh")),
+        "queues_url": reverse("admin:skiplock_queues"),
     }
     return TemplateResponse(request, "admin/jobs/dashboard.html", context)
 
@@ -127,5 +130,7 @@ def periodic_view(request: HttpRequest) -> HttpResponse:
             "args_json": json.dumps(row["args"], sort_keys=True) if row.get("args") else "",
         })
     context = {**_context(request, "Periodic tasks"), "schedules": rows,
-               "jobs_url": reverse("admin:jobs_jobrecord_changelist")}
+               "jobs_url": reverse("admin:jobs_jobrecord_changelist"),
+               "can_steer": request.user.has_perm("jobs.change_jobrecord"),
+               "action_url": reverse("admin:skiplock_periodic_action")}
     return TemplateResponse(request, "admin/jobs/periodic.html", context)
