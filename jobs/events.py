@@ -44,11 +44,11 @@ RECONNECT_MAX_DELAY = 5.0
 LISTEN_KEEPALIVE = 30.0  # seconds between liveness probes of an idle LISTEN connection
 
 _SNAPSHOT_SQL = """
-SELECT job_id, state, progress, step, attempts, scheduled_at, task_name, owner_id, custom_state, meta
+SELECT job_id, state, progress, step, attempts, scheduled_at, expires_at, task_name, owner_id, custom_state, meta
 FROM skiplock_job_view WHERE job_id = ANY(%(ids)s)
 """
 _OUTCOME_SQL = """
-SELECT job_id, state, progress, step, attempts, scheduled_at, result,
+SELECT job_id, state, progress, step, attempts, scheduled_at, expires_at, result,
        error_type, error_message, error_traceback, finished_at
 FROM skiplock_job_view WHERE job_id = %(id)s
 """
