@@ -107,12 +107,12 @@ class SkiplockSystem(_PostgresSystem):
             LOG_LEVEL="WARNING",
         )
 
-    def start_workers(self, concurrency: int, processes: int) -> Processes:
+    def start_workers(self, concurrency: int, processes: int, queues: list[str] | None = None) -> Processes:
         procs = Processes(f"skiplock-c{concurrency}-p{processes}")
         env = self.worker_env()
         for i in range(processes):
             argv = [sys.executable, "-m", "bench.worker_skiplock", "--concurrency", str(concurrency),
-                    "--name", f"bench-{i}"]
+                    "--name", f"bench-{i}", *(["--queues", ",".join(queues)] if queues else [])]
             procs.spawn(argv, env)
         try:
             self.warm_up(procs, max(4, 2 * concurrency * processes))

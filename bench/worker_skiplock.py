@@ -14,6 +14,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--queues", default=None, help="comma-separated (default: every queue)")
     args = parser.parse_args()
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -23,7 +24,8 @@ def main() -> None:
     import bench.tasks_skiplock  # noqa: F401  (registers the bench tasks)
     from jobs.worker import run_worker
 
-    asyncio.run(run_worker(queues=None, concurrency=args.concurrency, name=args.name, wait=True))
+    queues = args.queues.split(",") if args.queues else None
+    asyncio.run(run_worker(queues=queues, concurrency=args.concurrency, name=args.name, wait=True))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ DECLARE
     _take integer;
     _wake float8;
     _room record;
+    _row record;
     _job record;
     _claimed record;
     _ids bigint[] := '{}';
@@ -157,35 +158,59 @@ BEGIN
     ) THEN
         RETURN;  -- nothing waits under a limit here: the common case, one probe of an empty index
     END IF;
-    FOR _bucket IN
-        SELECT 'q:' || q FROM unnest(_limited) q
-        WHERE EXISTS (SELECT 1 FROM procrastinate_jobs j
-                      WHERE j.queue_name = q AND j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
-        UNION ALL
-        SELECT 'k:' || l.key FROM skiplock_limit l
-        WHERE EXISTS (SELECT 1 FROM procrastinate_jobs j
-                      WHERE j.skiplock_limit_key = l.key AND j.status = 'todo'
-                        AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
-                        AND (_queues IS NULL OR j.queue_name = ANY(_queues)) AND j.queue_name <> ALL(_paused))
+    -- Limits with due jobs waiting. One that looks full in this snapshot is skipped without its
+    -- lock (a rate window only fills until its starts age out: its `wake` says when; a
+    -- concurrency limit that frees a slot wakes the queue's workers, who claim again). Each one
+    -- that looks open is locked and counted for real by skiplock_limit_room.
+    FOR _row IN
+        SELECT b.bucket, b.open, x.wake FROM (
+            SELECT 'q:' || q.name AS bucket, q.rate_limit, q.rate_period, w.recent, w.oldest,
+                   (q.rate_limit IS NULL OR q.rate_limit > w.recent) AND (q.concurrency IS NULL OR q.concurrency > (
+                       SELECT count(*) FROM procrastinate_jobs d
+                       WHERE d.status = 'doing' AND d.worker_id IS NOT NULL AND d.queue_name = q.name)) AS open
+            FROM skiplock_queue q
+            CROSS JOIN LATERAL (SELECT count(*) AS recent, min(s) AS oldest FROM unnest(q.starts) s
+                                WHERE s > now() - make_interval(secs => COALESCE(q.rate_period, 0))) w
+            WHERE q.name = ANY(_limited)
+              AND EXISTS (SELECT 1 FROM procrastinate_jobs j
+                          WHERE j.queue_name = q.name AND j.status = 'todo'
+                            AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()))
+            UNION ALL
+            SELECT 'k:' || l.key, l.rate_limit, l.rate_period, w.recent, w.oldest,
+                   (l.rate_limit IS NULL OR l.rate_limit > w.recent) AND (l.concurrency IS NULL OR l.concurrency > (
+                       SELECT count(*) FROM procrastinate_jobs d
+                       WHERE d.status = 'doing' AND d.worker_id IS NOT NULL AND d.skiplock_limit_key = l.key))
+            FROM skiplock_limit l
+            CROSS JOIN LATERAL (SELECT count(*) AS recent, min(s) AS oldest FROM unnest(l.starts) s
+                                WHERE s > now() - make_interval(secs => COALESCE(l.rate_period, 0))) w
+            WHERE EXISTS (SELECT 1 FROM procrastinate_jobs j
+                          WHERE j.skiplock_limit_key = l.key AND j.status = 'todo'
+                            AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+                            AND (_queues IS NULL OR j.queue_name = ANY(_queues)) AND j.queue_name <> ALL(_paused))
+        ) AS b(bucket, rate_limit, rate_period, recent, oldest, open)
+        CROSS JOIN LATERAL (SELECT CASE WHEN b.rate_limit IS NOT NULL AND b.rate_limit <= b.recent
+                                        THEN extract(epoch FROM b.oldest + make_interval(secs => b.rate_period) - now())
+                                   END::float8 AS wake) x
     LOOP
+        IF _row.wake IS NOT NULL THEN
+            _wake := least(COALESCE(_wake, _row.wake), _row.wake);
+        END IF;
+        CONTINUE WHEN NOT _row.open;
         IF _left IS NULL THEN
             SELECT _n - (count(*)::integer - _held) INTO _left FROM procrastinate_jobs j
             WHERE j.worker_id = _worker AND j.status = 'doing';
             EXIT WHEN _left <= 0;
         END IF;
-        SELECT * INTO _room FROM skiplock_limit_room(_bucket);
-        _buckets := _buckets || _bucket;
+        SELECT * INTO _room FROM skiplock_limit_room(_row.bucket);
+        _buckets := _buckets || _row.bucket;
         _rooms := _rooms || _room.room;
         _used := _used || 0;
         IF _room.wake_in IS NOT NULL THEN
             _wake := least(COALESCE(_wake, _room.wake_in), _room.wake_in);
         END IF;
     END LOOP;
-    IF _left IS NULL OR _left <= 0 THEN
-        RETURN;
-    END IF;
     FOR _i IN 1 .. cardinality(_buckets) LOOP
-        EXIT WHEN _left <= 0;
+        EXIT WHEN COALESCE(_left, 0) <= 0;
         CONTINUE WHEN _rooms[_i] <= 0;
         _name := substr(_buckets[_i], 3);
         _take := least(_rooms[_i], _left);
