@@ -154,27 +154,40 @@ class TaskLimits:
         }
 
 
-# The limit rows of the keys a batch of starts uses: written only when a number changed.
-_UPSERT_LIMITS = """
+# The limit rows of the keys a batch of starts uses. Read first, written only when missing or when
+# the code's numbers changed: a start in a long transaction must not hold a row lock that the
+# claim's rate log needs (INSERT … ON CONFLICT DO UPDATE locks the row even when it changes nothing).
+_LIMITS_AS_DECLARED = """
+SELECT key FROM skiplock_limit AS l
+JOIN unnest(%(keys)s::text[], %(tasks)s::varchar[], %(concurrency)s::int[], %(rate_limit)s::int[],
+            %(rate_period)s::float8[]) AS d(key, task_name, concurrency, rate_limit, rate_period) USING (key)
+WHERE (l.concurrency, l.rate_limit, l.rate_period, l.task_name)
+      IS NOT DISTINCT FROM (d.concurrency, d.rate_limit, d.rate_period, d.task_name)
+"""
+_WRITE_LIMITS = """
 INSERT INTO skiplock_limit AS l (key, task_name, concurrency, rate_limit, rate_period, starts, updated_at)
-SELECT * , '{}'::timestamptz[], now() FROM unnest(%(keys)s::text[], %(tasks)s::varchar[], %(concurrency)s::int[],
-                       %(rate_limit)s::int[], %(rate_period)s::float8[])
+SELECT *, '{}'::timestamptz[], now() FROM unnest(%(keys)s::text[], %(tasks)s::varchar[], %(concurrency)s::int[],
+                                                 %(rate_limit)s::int[], %(rate_period)s::float8[])
 ON CONFLICT (key) DO UPDATE
 SET concurrency = EXCLUDED.concurrency, rate_limit = EXCLUDED.rate_limit, rate_period = EXCLUDED.rate_period,
     task_name = EXCLUDED.task_name, updated_at = now()
-WHERE (l.concurrency, l.rate_limit, l.rate_period, l.task_name)
-      IS DISTINCT FROM (EXCLUDED.concurrency, EXCLUDED.rate_limit, EXCLUDED.rate_period, EXCLUDED.task_name)
 """
+
+
+def _limit_params(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "keys": [r["key"] for r in items], "tasks": [r["task_name"] for r in items],
+        "concurrency": [r["concurrency"] for r in items], "rate_limit": [r["rate_limit"] for r in items],
+        "rate_period": [r["rate_period"] for r in items],
+    }
 
 
 def write_task_limits(rows: Iterable[dict[str, Any]], *, cursor: Any) -> None:
     """Make the limit rows say what the code declares (called by the start of limited jobs)."""
-    unique = {row["key"]: row for row in rows}
-    if not unique:
+    declared = {row["key"]: row for row in rows}
+    if not declared:
         return
-    items = [unique[k] for k in sorted(unique)]
-    cursor.execute(_UPSERT_LIMITS, {
-        "keys": [r["key"] for r in items], "tasks": [r["task_name"] for r in items],
-        "concurrency": [r["concurrency"] for r in items], "rate_limit": [r["rate_limit"] for r in items],
-        "rate_period": [r["rate_period"] for r in items],
-    })
+    cursor.execute(_LIMITS_AS_DECLARED, _limit_params(list(declared.values())))
+    stale = [declared[key] for key in sorted(set(declared) - {row[0] for row in cursor.fetchall()})]
+    if stale:
+        cursor.execute(_WRITE_LIMITS, _limit_params(stale))

@@ -124,7 +124,8 @@ class QueueInfo:
     concurrency: int | None = None
     rate_limit: int | None = None
     rate_period: float | None = None
-    depth: dict[str, int] = field(default_factory=dict)  # waiting (due), scheduled, running, aborting
+    # waiting (due), scheduled, running, aborting
+    depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("todo", "scheduled", "doing", "aborting"), 0))
     oldest_waiting_seconds: float = 0.0
     starts_in_window: int | None = None  # for a rate-limited queue
 
@@ -195,23 +196,20 @@ def list_queues(names: Iterable[str] | None = None) -> list[QueueInfo]:
             info.concurrency, info.rate_limit, info.rate_period = concurrency, rate_limit, rate_period
             info.starts_in_window = None if recent is None else int(recent)
     wanted = set(names) if names is not None else None
-    for info in queues.values():
-        for state in ("todo", "scheduled", "doing", "aborting"):
-            info.depth.setdefault(state, 0)
     return sorted((q for q in queues.values() if wanted is None or q.name in wanted), key=lambda q: q.name)
 
 
 def get_queue(name: str) -> QueueInfo:
     _check_queue_name(name)
     found = list_queues([name])
-    return found[0] if found else QueueInfo(name, depth={"todo": 0, "scheduled": 0, "doing": 0, "aborting": 0})
+    return found[0] if found else QueueInfo(name)
 
 
 def every_queue() -> list[QueueInfo]:
     """list_queues() plus every queue a startable task declares, empty ones included (API, CLI)."""
     found = {info.name: info for info in list_queues()}
     for name in {spec.queue for spec in startable_tasks()} - set(found):
-        found[name] = QueueInfo(name, depth={"todo": 0, "scheduled": 0, "doing": 0, "aborting": 0})
+        found[name] = QueueInfo(name)
     return [found[name] for name in sorted(found)]
 
 

@@ -206,7 +206,7 @@ def job_defer_batch(*, requests: Sequence[DeferRequest]) -> list[DeferredJob]:
     it is exactly one statement; with keys, one read of the keys first.
     """
     prepared = _prepare_all(requests)
-    if any(p.unique_key or p.limit_row for p in prepared):
+    if any(p.unique_key for p in prepared):
         # Unique starts hold their digests' locks until the caller's transaction ends.
         with transaction.atomic():
             return _defer_prepared(requests, prepared)

@@ -24,6 +24,18 @@ CREATE TABLE IF NOT EXISTS ftest_snoozes (job_id bigint PRIMARY KEY, times int N
 """
 
 
+def empty_tables() -> None:
+    """No job, span, queue control or task limit left from another test."""
+    with connection.cursor() as cursor:
+        cursor.execute(TABLES)
+        cursor.execute("TRUNCATE ftest_spans, ftest_snoozes")
+        cursor.execute("DELETE FROM procrastinate_jobs")
+        cursor.execute("DELETE FROM procrastinate_workers")
+        cursor.execute("DELETE FROM skiplock_job_attempt")
+        cursor.execute("DELETE FROM skiplock_queue")
+        cursor.execute("DELETE FROM skiplock_limit")
+
+
 def _span(ctx: JobContext, label: str, work_ms: int) -> None:
     with connection.cursor() as cursor:
         cursor.execute(

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from jobs import queues, services
 from tests import flow_tasks
@@ -22,18 +21,9 @@ FLOW_ENV = {"SKIPLOCK_IMPORT_PATHS": "tests.flow_tasks"}
 
 @pytest.fixture
 def flow_tables(transactional_db: None) -> Iterator[None]:
-    def empty() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(flow_tasks.TABLES)
-            cursor.execute("TRUNCATE ftest_spans, ftest_snoozes")
-            cursor.execute("DELETE FROM procrastinate_jobs")
-            cursor.execute("DELETE FROM procrastinate_workers")
-            cursor.execute("DELETE FROM skiplock_queue")
-            cursor.execute("DELETE FROM skiplock_limit")
-
-    empty()
+    flow_tasks.empty_tables()
     yield
-    empty()
+    flow_tasks.empty_tables()
 
 
 @pytest.fixture
@@ -184,3 +174,15 @@ def test_snooze_discard_and_expiry_with_worker_processes(start_workers: Callable
                                     [snoozed])] == ["snoozed", "snoozed", "succeeded"]
     assert query("SELECT error_message FROM skiplock_job WHERE job_id = %s", [discarded]) == [("pointless now",)]
     assert scalar("SELECT count(*) FROM ftest_spans WHERE job_id = %s", [expiring]) == 0
+
+
+def test_a_limited_job_that_ends_wakes_the_workers_for_the_next_one(flow_tables: None) -> None:
+    from jobs.testing import WorkerThread
+
+    queues.set_queue_limits("ftest", concurrency=1)
+    ids = defer("tests.flow.plain_call", 4, n=0, work_ms=50)
+    # A poll every 60 s: only the wake-up that the end of each limited job sends gets the next one
+    # claimed in time.
+    with WorkerThread(queues=["ftest"], concurrency=4, name="flow-wake", poll_interval=60):
+        wait_for(lambda: states(ids) == {"succeeded": 4}, timeout=20, what="the 4 jobs, one after another")
+    assert most_at_once() == 1

@@ -24,16 +24,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(autouse=True)
 def flow_tables(transactional_db: None) -> Iterator[None]:
-    def empty() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(flow_tasks.TABLES)
-            cursor.execute("TRUNCATE ftest_spans, ftest_snoozes")
-            cursor.execute("DELETE FROM procrastinate_jobs")
-            cursor.execute("DELETE FROM skiplock_job_attempt")
-
-    empty()
+    flow_tasks.empty_tables()
     yield
-    empty()
+    flow_tasks.empty_tables()
 
 
 def outcomes(job_id: int) -> list[str]:

@@ -119,6 +119,17 @@ END $$;
 # queue that also has a key needs room in both. Rate-limited limits get their starts logged once
 # at the end. Returns the claimed rows, then one row with a NULL id and `wake_in` (seconds until
 # a rate limit admits another start) when a rate limit held jobs back.
+# A waiting job a limited claim may take (alias `j`): due, not expired, the head of its `lock`
+# (the rule of jobs.transitions.CLAIM, written out here because a migration is frozen).
+RUNNABLE = """                  AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+                  AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
+                  AND (j.lock IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs b
+                      WHERE b.lock = j.lock AND b.id <> j.id
+                        AND (b.status = 'doing'
+                             OR (b.status = 'todo' AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
+                                 AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))))"""
+
 CLAIM_LIMITED = r"""
 CREATE FUNCTION skiplock_claim_limited(_worker bigint, _queues varchar[], _n integer, _held integer)
 RETURNS TABLE (id bigint, task_name varchar, queue_name varchar, priority integer, lock text,
@@ -219,14 +230,7 @@ BEGIN
             OPEN _cur FOR
                 SELECT j.id, j.queue_name, j.skiplock_limit_key AS key FROM procrastinate_jobs j
                 WHERE j.queue_name = _name AND j.status = 'todo'
-                  AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
-                  AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
-                  AND (j.lock IS NULL OR NOT EXISTS (
-                      SELECT 1 FROM procrastinate_jobs b
-                      WHERE b.lock = j.lock AND b.id <> j.id
-                        AND (b.status = 'doing'
-                             OR (b.status = 'todo' AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
-                                 AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))))
+{runnable}
                 ORDER BY j.priority DESC, j.id
                 LIMIT _take + 50
                 FOR NO KEY UPDATE OF j SKIP LOCKED;
@@ -237,14 +241,7 @@ BEGIN
                 WHERE j.skiplock_limit_key = _name AND j.status = 'todo'
                   AND (_queues IS NULL OR j.queue_name = ANY(_queues))
                   AND j.queue_name <> ALL(_paused) AND j.queue_name <> ALL(_limited)
-                  AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
-                  AND (j.skiplock_expires_at IS NULL OR j.skiplock_expires_at > now())
-                  AND (j.lock IS NULL OR NOT EXISTS (
-                      SELECT 1 FROM procrastinate_jobs b
-                      WHERE b.lock = j.lock AND b.id <> j.id
-                        AND (b.status = 'doing'
-                             OR (b.status = 'todo' AND (b.scheduled_at IS NULL OR b.scheduled_at <= now())
-                                 AND (b.priority > j.priority OR (b.priority = j.priority AND b.id < j.id))))))
+{runnable}
                 ORDER BY j.priority DESC, j.id
                 LIMIT _take
                 FOR NO KEY UPDATE OF j SKIP LOCKED;
@@ -309,7 +306,7 @@ BEGIN
         RETURN NEXT;
     END IF;
 END $$;
-"""
+""".replace("{runnable}", RUNNABLE)
 
 FUNCTIONS_BACK = """
 DROP FUNCTION IF EXISTS skiplock_claim_limited(bigint, varchar[], integer, integer);
